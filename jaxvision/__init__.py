@@ -1,0 +1,14 @@
+"""jaxvision: JAX/Flax ViT and Stable Diffusion at Hugging Face parity, with sharded training."""
+
+from jaxvision.errors import ConfigError, ImageDecodeError, JaxVisionError, WeightLoadError
+from jaxvision.pretrained import from_pretrained, save_pretrained
+
+__all__ = [
+    "ConfigError",
+    "ImageDecodeError",
+    "JaxVisionError",
+    "WeightLoadError",
+    "from_pretrained",
+    "save_pretrained",
+]
+__version__ = "0.1.0"

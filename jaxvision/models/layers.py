@@ -1,0 +1,240 @@
+"""Shared building blocks: the attention seam, dense/conv/norm layers with logical axis names.
+
+Every parameter is created through `nn.with_logical_partitioning`, so a model's abstract
+params (`jax.eval_shape(module.init, ...)`) carry logical axis names that one rules table
+(`jaxvision.train.sharding.LOGICAL_AXIS_RULES`) maps onto mesh axes. The names used here are
+the whole vocabulary; `tests/test_sharding_rules.py` checks each has a rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+AttentionImpl = Literal["xla", "cudnn", "reference"] | None
+
+# The logical axis vocabulary. A parameter axis is one of these or None (never sharded).
+EMBED = "embed"  # model width (residual stream / channel width)
+HEADS = "heads"  # attention projection width (num_heads * head_dim)
+MLP = "mlp"  # feed-forward hidden width
+VOCAB = "vocab"  # token-embedding rows
+CLASSES = "classes"  # classifier outputs
+CONV_IN = "conv_in"  # convolution input channels
+CONV_OUT = "conv_out"  # convolution output channels
+NORM = "norm"  # LayerNorm / GroupNorm scale and bias
+POSITION = "position"  # learned position-embedding rows
+# Activation axes (used with nn.with_logical_constraint).
+BATCH = "batch"
+LENGTH = "length"
+ACT_EMBED = "act_embed"
+LOGICAL_AXIS_NAMES = (
+    EMBED,
+    HEADS,
+    MLP,
+    VOCAB,
+    CLASSES,
+    CONV_IN,
+    CONV_OUT,
+    NORM,
+    POSITION,
+    BATCH,
+    LENGTH,
+    ACT_EMBED,
+)
+
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots_saveable",
+    "dots_with_no_batch_dims_saveable",
+    "nothing_saveable",
+    "everything_saveable",
+)
+
+
+def remat(module_cls: type[nn.Module], policy: str, static_argnums: tuple[int, ...] = ()) -> type[nn.Module]:
+    """Wraps a block class in `nn.remat` with a `jax.checkpoint_policies` policy chosen by name.
+
+    "none" returns the class unchanged; "full" rematerialises everything (no saved residuals).
+    """
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose one of {', '.join(REMAT_POLICIES)}")
+    if policy == "none":
+        return module_cls
+    jax_policy = None if policy == "full" else getattr(jax.checkpoint_policies, policy)
+    return nn.remat(module_cls, policy=jax_policy, static_argnums=static_argnums)
+
+
+def partitioned(init: Callable, names: Sequence[str | None]) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+def dense(
+    features: int,
+    names: tuple[str | None, str | None],
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Callable | None = None,
+    name: str | None = None,
+) -> nn.Dense:
+    """An `nn.Dense` whose kernel `[in, out]` carries `names` and whose bias carries `names[1]`."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        precision=None,
+        kernel_init=partitioned(kernel_init or nn.initializers.lecun_normal(), names),
+        bias_init=partitioned(nn.initializers.zeros_init(), (names[1],)),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: tuple[int, int],
+    *,
+    strides: tuple[int, int] = (1, 1),
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.Conv:
+    """An NHWC `nn.Conv` with an HWIO kernel named `(None, None, conv_in, conv_out)`."""
+    return nn.Conv(
+        features,
+        kernel_size,
+        strides=strides,
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, CONV_IN, CONV_OUT)),
+        bias_init=partitioned(nn.initializers.zeros_init(), (CONV_OUT,)),
+        name=name,
+    )
+
+
+def layer_norm(epsilon: float, *, param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm computed in fp32 whatever the compute dtype (the caller casts back)."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=partitioned(nn.initializers.ones_init(), (NORM,)),
+        bias_init=partitioned(nn.initializers.zeros_init(), (NORM,)),
+        name=name,
+    )
+
+
+def group_norm(
+    num_groups: int, epsilon: float, *, param_dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.GroupNorm:
+    """GroupNorm over NHWC channels, computed in fp32 (as torch does for fp16 inputs' statistics)."""
+    return nn.GroupNorm(
+        num_groups=num_groups,
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=partitioned(nn.initializers.ones_init(), (NORM,)),
+        bias_init=partitioned(nn.initializers.zeros_init(), (NORM,)),
+        name=name,
+    )
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Hugging Face activation names (`ACT2FN`) as exact JAX functions.
+
+    HF's "gelu" is the erf form; "gelu_new"/"gelu_pytorch_tanh" the tanh approximation;
+    "quick_gelu" is x * sigmoid(1.702 x) (CLIP ViT-L/14, SD 1.x).
+    """
+    table: dict[str, Callable[[jax.Array], jax.Array]] = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+        "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+        "relu": jax.nn.relu,
+        "silu": jax.nn.silu,
+        "swish": jax.nn.silu,
+        "tanh": jnp.tanh,
+        "sigmoid": jax.nn.sigmoid,
+    }
+    if name not in table:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(sorted(table))}")
+    return table[name]
+
+
+def reference_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> jax.Array:
+    """Plain einsum/softmax attention, the yardstick every other implementation is tested against.
+
+    Args:
+      query: `[batch, q_len, heads, head_dim]`.
+      key, value: `[batch, kv_len, heads, head_dim]`.
+      bias: additive, broadcastable to `[batch, heads, q_len, kv_len]`.
+    Returns:
+      `[batch, q_len, heads, head_dim]` in the query dtype; softmax in fp32.
+    """
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if is_causal:
+        q_len, kv_len = query.shape[1], key.shape[1]
+        causal = jnp.tril(jnp.ones((q_len, kv_len), dtype=bool))
+        logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    bias: jax.Array | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    implementation: AttentionImpl = None,
+    upcast: bool = False,
+) -> jax.Array:
+    """The one attention seam of the library, over `jax.nn.dot_product_attention`.
+
+    Args:
+      query: `[batch, q_len, heads, head_dim]`; key/value `[batch, kv_len, heads, head_dim]`.
+      bias: additive bias broadcastable to `[batch, heads, q_len, kv_len]`.
+      is_causal: apply a lower-triangular mask (CLIP's text tower).
+      scale: logit scale; default `head_dim ** -0.5`.
+      implementation: None lets JAX choose, "xla", "cudnn" (GPU fused kernel, bf16/fp16), or
+        "reference" for the plain einsum path.
+      upcast: compute q·k and softmax in fp32 even for low-precision inputs (diffusers'
+        `upcast_attention`, used by SD 2.1).
+    Returns:
+      `[batch, q_len, heads, head_dim]` in the query dtype.
+    """
+    if implementation == "reference":
+        return reference_attention(query, key, value, bias=bias, is_causal=is_causal, scale=scale)
+    dtype = query.dtype
+    if upcast and dtype != jnp.float32:
+        query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
+    if bias is not None:
+        bias = bias.astype(query.dtype)
+    out = jax.nn.dot_product_attention(
+        query, key, value, bias=bias, scale=scale, is_causal=is_causal, implementation=implementation
+    )
+    return out.astype(dtype)

@@ -139,11 +139,11 @@ def load_params(
     unexpected = sorted(set(state) - used - {k.split("  ")[0] for k in missing})
     problems = []
     if no_rule:
-        problems.append(_summarise("model parameters with no rule in the key table (a jaxvision bug)", no_rule))
+        problems.append(_summarise("model parameters with no rule in the key table, a jaxvision bug", no_rule))
     if missing:
         problems.append(_summarise("missing from the checkpoint", missing))
     if unexpected:
-        problems.append(_summarise("unexpected checkpoint keys (not used by this model)", unexpected))
+        problems.append(_summarise("unexpected checkpoint keys, not used by this model", unexpected))
     if bad_shape:
         problems.append(_summarise("shape mismatches", bad_shape))
     if bad_dtype:

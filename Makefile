@@ -1,0 +1,49 @@
+# jaxvision — the two entry points of the README: `make demo` and `make test`.
+# Both create ./.venv on first use and install what they need (pinned by constraints.txt).
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 is pinned: an unpinned torch would pull a multi-GB CUDA build.
+PIP := $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: demo test test-slow lint format clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.core: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) -e .
+	touch $@
+
+$(VENV)/.test: $(VENV)/.core
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[test]"
+	touch $@
+
+demo: $(VENV)/.core
+	$(BIN)/python -m jaxvision init-vit --out build/demo-vit --variant tiny --image-size 64 \
+		--labels astronaut,cat,coffee,rocket,camera,other
+	$(BIN)/python -m jaxvision classify --model build/demo-vit jaxvision/assets/*.jpg jaxvision/assets/*.png --top-k 3
+	$(BIN)/python -m jaxvision embed --model build/demo-vit jaxvision/assets/*.jpg jaxvision/assets/*.png \
+		--normalize --out build/demo-embeddings.npy
+	@echo "NOTE: build/demo-vit has RANDOM weights; its labels are meaningless. Point --model at a real"
+	@echo "      checkpoint folder (e.g. google/vit-large-patch16-384 downloaded by you) for real predictions."
+
+test: $(VENV)/.test
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q -n 2 --dist loadfile --durations=15
+
+test-slow: $(VENV)/.test
+	$(BIN)/pytest -q -m slow --durations=15
+
+lint: $(VENV)/.test
+	$(BIN)/ruff format --check . && $(BIN)/ruff check .
+
+format: $(VENV)/.test
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf build $(VENV)

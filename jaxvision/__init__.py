@@ -1,6 +1,7 @@
 """jaxvision: JAX/Flax ViT and Stable Diffusion at Hugging Face parity, with sharded training."""
 
 from jaxvision.errors import ConfigError, ImageDecodeError, JaxVisionError, WeightLoadError
+from jaxvision.inference import classify, embed
 from jaxvision.pretrained import from_pretrained, save_pretrained
 
 __all__ = [
@@ -8,6 +9,8 @@ __all__ = [
     "ImageDecodeError",
     "JaxVisionError",
     "WeightLoadError",
+    "classify",
+    "embed",
     "from_pretrained",
     "save_pretrained",
 ]

@@ -1,0 +1,5 @@
+"""`python -m jaxvision <command>`."""
+
+from jaxvision.cli import main
+
+raise SystemExit(main())

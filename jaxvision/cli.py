@@ -1,0 +1,165 @@
+"""`jaxvision <command>`: a thin command line over the library.
+
+Each command is one function that adds its arguments to the parser it is given and returns
+the function that runs it (`args → exit code`); `COMMANDS` registers it under its name, and its
+docstring's first line is the help text. To add a command, write such a function and add one
+line to `COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from jaxvision.errors import JaxVisionError
+
+Runner = Callable[[argparse.Namespace], int]
+
+
+def classify(p: argparse.ArgumentParser) -> Runner:
+    """Top-k labels of images with a ViTForImageClassification checkpoint folder."""
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json + weights)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON object per image")
+    p.add_argument("--allow-pickle", action="store_true", help="allow PyTorch .bin weights (torch.load)")
+
+    def run(args: argparse.Namespace) -> int:
+        from jaxvision.inference import classify as classify_images
+
+        results = classify_images(
+            args.model, args.images, top_k=args.top_k, batch_size=args.batch_size, allow_pickle=args.allow_pickle
+        )
+        for r in results:
+            if args.json:
+                print(json.dumps(r))
+            elif r["error"]:
+                print(f"{r['path']}\n  ERROR {r['error']}")
+            else:
+                print(r["path"])
+                for rank, t in enumerate(r["top_k"], 1):
+                    print(f"  {rank:>2}. {t['score']:7.4f}  {t['label']}  (index {t['index']})")
+        return 1 if any(r["error"] for r in results) else 0
+
+    return run
+
+
+def embed(p: argparse.ArgumentParser) -> Runner:
+    """CLS-token embeddings of images, saved as a .npy array plus a .paths.txt list."""
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json + weights)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=-1,
+        help="-1: final CLS after LayerNorm (default); otherwise an index into hidden_states (0 = embeddings)",
+    )
+    p.add_argument("--normalize", action="store_true", help="L2-normalise each embedding")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True, help="output .npy file; the paths go to <stem>.paths.txt beside it")
+    p.add_argument("--allow-pickle", action="store_true", help="allow PyTorch .bin weights (torch.load)")
+
+    def run(args: argparse.Namespace) -> int:
+        import numpy as np
+
+        from jaxvision.inference import embed_with_errors
+
+        vectors, errors = embed_with_errors(
+            args.model,
+            args.images,
+            layer=args.layer,
+            normalize=args.normalize,
+            batch_size=args.batch_size,
+            allow_pickle=args.allow_pickle,
+        )
+        out = Path(args.out)
+        if out.suffix != ".npy":
+            out = out.with_name(out.name + ".npy")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        np.save(out, vectors)
+        paths_file = out.with_suffix(".paths.txt")
+        paths_file.write_text("".join(f"{p}\n" for p in args.images))
+        print(f"wrote {out} {list(vectors.shape)} float32 and {paths_file}")
+        for error in errors:
+            if error:
+                print(f"ERROR {error} (its row is NaN)")
+        return 1 if any(errors) else 0
+
+    return run
+
+
+def init_vit(p: argparse.ArgumentParser) -> Runner:
+    """Write a randomly initialised ViTForImageClassification folder (for demos and tests)."""
+    from jaxvision.models.vit import VARIANTS
+
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--variant", default="tiny", choices=list(VARIANTS))
+    p.add_argument("--image-size", type=int, default=64)
+    labels = p.add_mutually_exclusive_group()
+    labels.add_argument("--num-labels", type=int, default=10, help="labels named LABEL_0 ... LABEL_{n-1}")
+    labels.add_argument("--labels", help="comma-separated label names, e.g. cat,dog,rocket")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(args: argparse.Namespace) -> int:
+        import flax.core
+        import jax
+
+        from jaxvision import save_pretrained
+        from jaxvision.image import Preprocessor
+        from jaxvision.models import vit
+
+        names = (
+            tuple(s.strip() for s in args.labels.split(",") if s.strip())
+            if args.labels
+            else tuple(f"LABEL_{i}" for i in range(args.num_labels))
+        )
+        config = vit.ViTConfig.from_variant(args.variant, image_size=args.image_size, labels=names)
+        module = vit.build(config)
+        pixels = jax.numpy.zeros((1, *config.image_size, config.num_channels), jax.numpy.float32)
+        init_key, head_key = jax.random.split(jax.random.key(args.seed))
+        params = flax.core.meta.unbox(module.init(init_key, pixels)["params"])
+        # The module zero-initialises its head (right for fine-tuning); a demo model needs scores that differ.
+        kernel = params["classifier"]["kernel"]
+        params["classifier"]["kernel"] = config.initializer_range * jax.random.normal(head_key, kernel.shape)
+        save_pretrained(module, params, args.out)
+        Preprocessor(size=config.image_size).save(args.out)
+        print(
+            f"wrote {args.out}: ViTForImageClassification {args.variant}, {config.image_size[0]}x"
+            f"{config.image_size[1]} px, {len(names)} labels, seed {args.seed}.\n"
+            "NOTE: its weights are RANDOM (untrained); its predictions are meaningless."
+        )
+        return 0
+
+    return run
+
+
+# name → command; add new commands here (generate, finetune, dreambooth, plan, quantize, export-onnx).
+COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Runner]] = {
+    "classify": classify,
+    "embed": embed,
+    "init-vit": init_vit,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxvision", description="JAX/Flax ViT and Stable Diffusion.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for name, add in COMMANDS.items():
+        summary = (add.__doc__ or "").strip().splitlines()[0]
+        p = sub.add_parser(name, help=summary, description=summary)
+        p.set_defaults(run=add(p))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `jaxvision` and `python -m jaxvision`; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except JaxVisionError as e:
+        print(f"jaxvision {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -20,13 +20,16 @@ import numpy as np
 from jaxvision.errors import ConfigError
 from jaxvision.models.hf_config import read_config_json
 from jaxvision.weights.checkpoint_files import read_state_dict
+from jaxvision.weights.clip_text_keys import SPEC as CLIP_TEXT_SPEC
 from jaxvision.weights.mapping import export_params, load_params
 from jaxvision.weights.safetensors_io import write_safetensors
 from jaxvision.weights.spec import ModelSpec
+from jaxvision.weights.unet_keys import SPEC as UNET_SPEC
+from jaxvision.weights.vae_keys import SPEC as VAE_SPEC
 from jaxvision.weights.vit_keys import SPEC as VIT_SPEC
 
 # One entry per family; each *_keys module defines its SPEC next to its key table.
-SPECS: list[ModelSpec] = [VIT_SPEC]
+SPECS: list[ModelSpec] = [VIT_SPEC, CLIP_TEXT_SPEC, VAE_SPEC, UNET_SPEC]
 
 
 def register(spec: ModelSpec) -> None:
@@ -87,6 +90,8 @@ def from_pretrained(
     config = spec.config_from_hf(cfg, source)
     module = spec.build(config, dtype=dtype, param_dtype=param_dtype, **module_kwargs)
     state, weights_file = read_state_dict(path, allow_pickle=allow_pickle, variant=variant)
+    if spec.normalize_state is not None:
+        state = spec.normalize_state(config, state)
     params = load_params(param_template(spec, module), state, spec.key_table(config), source=str(weights_file))
     return module, jax.tree.map(jnp.asarray, params)
 

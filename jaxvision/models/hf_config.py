@@ -81,6 +81,8 @@ TRANSFORMERS_GENERIC_KEYS = frozenset(
         "use_cache",
     }
 )
+# Written as `_diffusers_version`; diffusers only records it: the release jaxvision is tested with.
+DIFFUSERS_VERSION = "0.42.1"
 # Keys diffusers writes into every component config.
 DIFFUSERS_GENERIC_KEYS = frozenset({"_class_name", "_diffusers_version", "_name_or_path", "_use_default_values"})
 

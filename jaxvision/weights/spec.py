@@ -26,6 +26,8 @@ class ModelSpec:
       weights_name: the file `save_pretrained` writes.
       config_type: the config dataclass, to recognise a module's family on save.
       extra_files: `(module, directory) → None`, writes companions (e.g. preprocessor config).
+      normalize_state: `(config, state) → state` in the key table's naming, for families whose
+        checkpoints exist under more than one naming (CLIP text: with/without `text_model.`).
     """
 
     name: str
@@ -37,3 +39,4 @@ class ModelSpec:
     example_inputs: Callable[[Any], tuple]
     weights_name: str = "model.safetensors"
     extra_files: Callable[[nn.Module, Path], None] | None = None
+    normalize_state: Callable[[Any, dict], dict] | None = None

@@ -137,11 +137,54 @@ def init_vit(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
+def generate(p: argparse.ArgumentParser) -> Runner:
+    """Text-to-image with a Stable Diffusion folder in diffusers layout; writes PNGs and a grid."""
+    from jaxvision.diffusion.registry import SCHEDULERS
+
+    p.add_argument("--model", required=True, help="diffusers folder (model_index.json, unet/, vae/, ...)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), help="default: the checkpoint's scheduler")
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    p.add_argument("--num-images", type=int, default=4)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--out", default="generated", help="output folder")
+
+    def run(args: argparse.Namespace) -> int:
+        from jaxvision.diffusion.pipeline import StableDiffusionPipeline, generate_to_dir
+
+        print(f"loading {args.model} ...", file=sys.stderr)
+        pipe = StableDiffusionPipeline.from_pretrained(args.model)
+        paths = generate_to_dir(
+            pipe,
+            args.prompt,
+            args.out,
+            num_images=args.num_images,
+            negative_prompt=args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            scheduler=args.scheduler,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            log=lambda m: print(m, file=sys.stderr),
+        )
+        for path in paths:
+            print(path)
+        return 0
+
+    return run
+
+
 # name → command; add new commands here (generate, finetune, dreambooth, plan, quantize, export-onnx).
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Runner]] = {
     "classify": classify,
     "embed": embed,
     "init-vit": init_vit,
+    "generate": generate,
 }
 
 

@@ -1,4 +1,4 @@
-"""`StableDiffusionPipeline`: text-to-image (and image-to-image) with the whole denoising loop,
+"""`StableDiffusionPipeline`: text-to-image with the whole denoising loop,
 classifier-free guidance included, inside one `jax.jit`.
 
 The jitted function takes every array — params, token ids, start latents, guidance scale,
@@ -28,7 +28,7 @@ from jaxvision.tokenizer import tokenize
 
 OUTPUT_TYPES = ("pil", "np", "latent")
 # Each image's seed key is split by purpose, so adding a purpose never changes the others.
-START_NOISE, STEP_NOISE, POSTERIOR = 0, 1, 2
+START_NOISE, STEP_NOISE = 0, 1
 # Schedulers that inject fresh noise each step (they take it as an explicit `noise` argument).
 STOCHASTIC = (DDPMScheduler, EulerAncestralDiscreteScheduler)
 
@@ -94,8 +94,7 @@ class StableDiffusionPipeline:
     """Text-to-image sampling for Stable Diffusion 1.x / 2.x checkpoints in diffusers layout.
 
     `StableDiffusionPipeline.from_pretrained(path)(prompt, ...)` mirrors diffusers'
-    `StableDiffusionPipeline.__call__` (see DESIGN.md for the argument list); `image` and
-    `strength` turn it into image-to-image on the same loop.
+    `StableDiffusionPipeline.__call__` (see DESIGN.md for the argument list).
     """
 
     def __init__(self, components: StableDiffusionComponents, *, default_scheduler: str | None = None):
@@ -157,8 +156,6 @@ class StableDiffusionPipeline:
         latents: np.ndarray | jax.Array | None = None,
         output_type: str = "pil",
         num_images_per_prompt: int = 1,
-        image: Any = None,
-        strength: float = 0.8,
         mesh: Mesh | None = None,
     ) -> list | np.ndarray:
         """Generates images.
@@ -174,8 +171,6 @@ class StableDiffusionPipeline:
           latents: optional `[batch, h, w, c]` start noise (NHWC, unscaled, as diffusers takes it).
           output_type: "pil" (list of PIL images), "np" (`[batch, H, W, 3]` floats in [0, 1]) or
             "latent" (the final latents before VAE decoding).
-          image: for image-to-image, an init image (PIL, or `[H, W, 3]` / `[batch, H, W, 3]`
-            floats in [0, 1]); `strength` in (0, 1] sets how much of the schedule runs.
           mesh: a 1-axis ("data",) mesh; default all devices.
         """
         c = self.components
@@ -211,9 +206,7 @@ class StableDiffusionPipeline:
             raise ValueError(f"got {len(seeds)} seeds for {batch} images")
         keys = jnp.stack([jax.random.key(s) for s in seeds])
         start_index = 0
-        if image is not None:
-            latents, start_index = self._img2img_start(sched, state, image, batch, shape, strength, keys, latents)
-        elif latents is None:
+        if latents is None:
             latents = jnp.stack([jax.random.normal(jax.random.fold_in(k, START_NOISE), shape[1:]) for k in keys])
             latents = latents * state.init_noise_sigma
         else:
@@ -239,37 +232,46 @@ class StableDiffusionPipeline:
 
         return [Image.fromarray((im * 255).round().astype(np.uint8)) for im in images]
 
-    def _img2img_start(self, sched, state, image, batch, shape, strength, keys, noise):
-        """Encodes the init image and noises it to the schedule's first kept timestep (diffusers'
-        `StableDiffusionImg2ImgPipeline`: `t_start = steps - int(steps * strength)`)."""
-        if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
-        if not hasattr(sched, "add_noise_at"):
-            raise ValueError(f"image-to-image is not supported with scheduler {type(sched).__name__}")
-        c = self.components
-        pixels = _image_batch(image, batch, shape[1] * c.vae_scale_factor, shape[2] * c.vae_scale_factor)
-        posterior = c.vae.apply({"params": c.vae_params}, jnp.asarray(pixels) * 2.0 - 1.0, method="encode")
-        init = posterior.sample(jax.random.fold_in(keys[0], POSTERIOR)) * c.vae.config.scaling_factor
-        steps = int(state.timesteps.shape[0])
-        start = steps - min(int(steps * strength), steps)
-        if noise is None:
-            noise = jnp.stack([jax.random.normal(jax.random.fold_in(k, START_NOISE), shape[1:]) for k in keys])
-        return sched.add_noise_at(state, init, jnp.asarray(noise, jnp.float32), start), start
-
-
-def _image_batch(image: Any, batch: int, height: int, width: int) -> np.ndarray:
-    from PIL import Image
-
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB").resize((width, height), Image.LANCZOS), np.float32) / 255.0
-    image = np.asarray(image, np.float32)
-    if image.ndim == 3:
-        image = np.broadcast_to(image, (batch, *image.shape))
-    if image.shape != (batch, height, width, 3):
-        raise ValueError(f"init image must be [batch, {height}, {width}, 3] floats in [0, 1], got {image.shape}")
-    return image
-
 
 def _name_for_class(scheduler_config: dict) -> str:
     by_class = {cls.diffusers_class: name for name, (cls, overrides) in SCHEDULERS.items() if not overrides}
     return by_class.get(scheduler_config.get("_class_name", ""), "pndm")
+
+
+def image_grid(images: Sequence[Any], rows: int | None = None) -> Any:
+    """Tiles equally sized PIL images into one PIL image, `rows` rows (default: near-square)."""
+    from PIL import Image
+
+    n = len(images)
+    rows = rows or max(1, int(np.floor(np.sqrt(n))))
+    cols = -(-n // rows)
+    w, h = images[0].size
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def generate_to_dir(
+    pipe: StableDiffusionPipeline, prompt: str, out_dir: str | Path, *, num_images: int = 4, log=print, **kwargs: Any
+) -> list[Path]:
+    """Samples `num_images` images of `prompt`, writes `out_dir/{i:03d}.png` and `out_dir/grid.png`.
+
+    The first call of a configuration compiles it, so `log` says so before sampling starts and
+    reports the time taken; kwargs go to the pipeline call.
+    """
+    import time
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    log(f"sampling {num_images} image(s) (the first run of a configuration compiles it, which takes a while) ...")
+    images = pipe([prompt] * num_images, output_type="pil", **kwargs)
+    log(f"done in {time.perf_counter() - t0:.1f} s")
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(out_dir / f"{i:03d}.png")
+        im.save(paths[-1])
+    image_grid(images).save(out_dir / "grid.png")
+    paths.append(out_dir / "grid.png")
+    return paths

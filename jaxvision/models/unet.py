@@ -162,9 +162,15 @@ class UNet2DConditionConfig:
                 object.__setattr__(self, key, tuple(getattr(self, key)))
         for key, default in UNSUPPORTED_UNLESS_DEFAULT.items():
             if getattr(self, key) != default:
+                why = (
+                    "diffusers' UNet2DConditionModel rejects it too; SD configs give the head count as "
+                    "attention_head_dim"
+                    if key == "num_attention_heads"
+                    else "this is not an SD 1.x/2.x UNet"
+                )
                 raise ConfigError(
                     f"{key}={getattr(self, key)!r} is not supported by jaxvision's UNet2DConditionModel "
-                    f"(only {default!r}); this is not an SD 1.x/2.x UNet"
+                    f"(only {default!r}); {why}"
                 )
         if any(
             n != 1

@@ -121,6 +121,17 @@ def take(
     return {k: cfg[k] for k in fields if k in cfg}
 
 
+def diffusers_config_dict(config: Any, class_name: str) -> dict[str, Any]:
+    """A frozen config dataclass as a diffusers `config.json` dict (tuples become lists)."""
+    import dataclasses
+
+    out: dict[str, Any] = {"_class_name": class_name, "_diffusers_version": DIFFUSERS_VERSION}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
 def pair(value: int | Iterable[int]) -> tuple[int, int]:
     if isinstance(value, int):
         return (value, value)

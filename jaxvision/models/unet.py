@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxvision.errors import ConfigError
 from jaxvision.models import layers
-from jaxvision.models.hf_config import DIFFUSERS_GENERIC_KEYS, DIFFUSERS_VERSION, take
+from jaxvision.models.hf_config import DIFFUSERS_GENERIC_KEYS, diffusers_config_dict, take
 from jaxvision.models.layers import Dtype
 from jaxvision.models.resnet import conv_padding
 from jaxvision.models.unet_blocks import (
@@ -294,11 +294,7 @@ class UNet2DConditionConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The diffusers `config.json` dict (`_class_name`, `_diffusers_version` and every field)."""
-        out: dict[str, Any] = {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return diffusers_config_dict(self, CLASS_NAME)
 
 
 class UNet2DConditionModel(nn.Module):

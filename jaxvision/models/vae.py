@@ -23,13 +23,11 @@ import jax.numpy as jnp
 
 from jaxvision.errors import ConfigError
 from jaxvision.models import layers
-from jaxvision.models.hf_config import DIFFUSERS_GENERIC_KEYS, take
+from jaxvision.models.hf_config import DIFFUSERS_GENERIC_KEYS, diffusers_config_dict, take
 from jaxvision.models.layers import EMBED, HEADS, Dtype
 from jaxvision.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, conv_padding
 
 CLASS_NAME = "AutoencoderKL"
-# Written as `_diffusers_version` on save; diffusers only records it, the version it was tested with.
-DIFFUSERS_VERSION = "0.42.1"
 DOWN_BLOCK_TYPES = ("DownEncoderBlock2D",)
 UP_BLOCK_TYPES = ("UpDecoderBlock2D",)
 RESNET_EPS = 1e-6  # diffusers hard-codes it for the VAE's resnets, attention and output norms
@@ -133,11 +131,7 @@ class AutoencoderKLConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """The diffusers `config.json` dict for this config."""
-        out: dict[str, Any] = {"_class_name": CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION}
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return diffusers_config_dict(self, CLASS_NAME)
 
 
 @flax.struct.dataclass

@@ -2,7 +2,7 @@
 with the diffusers torch modules, one block at a time.
 
 Weights are copied from the torch module's `state_dict()` through the production key-table
-rules (`jaxvision.weights.vae_keys.*_rules` + the strict `mapping.load_params`), so these tests
+rules (`jaxvision.weights.resnet_keys` / `vae_keys` / `mapping` rules + the strict `mapping.load_params`), so these tests
 also prove the per-block rules and parameter names. fp32, `highest` matmul precision; tolerance
 max|err| <= 1e-4 * max(1, max|reference|). Inputs are NCHW for torch and NHWC for jaxvision.
 """
@@ -21,7 +21,7 @@ from diffusers.models.upsampling import Upsample2D as TorchUpsample2D
 
 from jaxvision.models import vae
 from jaxvision.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, upsample_nearest
-from jaxvision.weights import vae_keys
+from jaxvision.weights import mapping, resnet_keys, vae_keys
 from jaxvision.weights.mapping import KeyTable, load_params
 
 
@@ -78,7 +78,7 @@ def test_resnet_block(in_ch, out_ch, temb_ch, groups, scale):
     x = rng.standard_normal((2, 9, 7, in_ch)).astype(np.float32)
     temb = None if temb_ch is None else rng.standard_normal((2, temb_ch)).astype(np.float32)
     ours = ResnetBlock2D(out_ch, groups=groups, output_scale_factor=scale)
-    params = _params(ours, ref, vae_keys.resnet_rules("", ""), x, temb)
+    params = _params(ours, ref, resnet_keys.resnet_rules("", ""), x, temb)
     assert ("conv_shortcut" in params) == (in_ch != out_ch)
     assert ("time_emb_proj" in params) == (temb_ch is not None)
     with jax.default_matmul_precision("highest"):
@@ -97,7 +97,7 @@ def test_downsample(padding, size):
     ref = TorchDownsample2D(16, use_conv=True, out_channels=24, padding=padding, name="op").eval()
     x = np.random.default_rng(1).standard_normal((2, *size, 16)).astype(np.float32)
     ours = Downsample2D(24, padding=padding)
-    params = _params(ours, ref, vae_keys.conv_rules("conv", "conv"), x)
+    params = _params(ours, ref, mapping.conv_rules("conv", "conv"), x)
     with jax.default_matmul_precision("highest"):
         y = ours.apply({"params": params}, x)
     with torch.no_grad():
@@ -119,7 +119,7 @@ def test_upsample():
     ref = TorchUpsample2D(16, use_conv=True, out_channels=8).eval()
     x = np.random.default_rng(3).standard_normal((2, 5, 7, 16)).astype(np.float32)
     ours = Upsample2D(8)
-    params = _params(ours, ref, vae_keys.conv_rules("conv", "conv"), x)
+    params = _params(ours, ref, mapping.conv_rules("conv", "conv"), x)
     with jax.default_matmul_precision("highest"):
         y = ours.apply({"params": params}, x)
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_mid_block(add_attention):
     x = np.random.default_rng(6).standard_normal((1, 4, 6, ch)).astype(np.float32)
     ours = vae.MidBlock(cfg)
     rules = [
-        *vae_keys.resnet_rules("resnets_{i}", "resnets.{i}"),
+        *resnet_keys.resnet_rules("resnets_{i}", "resnets.{i}"),
         *vae_keys.attention_rules("attentions_0", "attentions.0"),
     ]
     params = _params(ours, ref, rules, x)

@@ -12,18 +12,10 @@ import numpy as np
 
 from jaxvision.models import clip_text
 from jaxvision.models.clip_text import CLIPTextConfig
-from jaxvision.weights.mapping import LINEAR, KeyTable, Rule
+from jaxvision.weights.mapping import LINEAR, KeyTable, Rule, linear_rules, norm_rules
 from jaxvision.weights.spec import ModelSpec
 
 PREFIX = "text_model."
-
-
-def _linear(flax: str, torch: str) -> list[Rule]:
-    return [Rule(f"{flax}/kernel", f"{torch}.weight", LINEAR), Rule(f"{flax}/bias", f"{torch}.bias")]
-
-
-def _norm(flax: str, torch: str) -> list[Rule]:
-    return [Rule(f"{flax}/scale", f"{torch}.weight"), Rule(f"{flax}/bias", f"{torch}.bias")]
 
 
 def clip_text_key_table(config: CLIPTextConfig) -> KeyTable:
@@ -31,15 +23,15 @@ def clip_text_key_table(config: CLIPTextConfig) -> KeyTable:
     rules = [
         Rule("text_model/embeddings/token_embedding/embedding", "text_model.embeddings.token_embedding.weight"),
         Rule("text_model/embeddings/position_embedding/embedding", "text_model.embeddings.position_embedding.weight"),
-        *_norm(f"{layer_f}/layer_norm1", f"{layer_t}.layer_norm1"),
-        *_linear(f"{layer_f}/self_attn/q_proj", f"{layer_t}.self_attn.q_proj"),
-        *_linear(f"{layer_f}/self_attn/k_proj", f"{layer_t}.self_attn.k_proj"),
-        *_linear(f"{layer_f}/self_attn/v_proj", f"{layer_t}.self_attn.v_proj"),
-        *_linear(f"{layer_f}/self_attn/out_proj", f"{layer_t}.self_attn.out_proj"),
-        *_norm(f"{layer_f}/layer_norm2", f"{layer_t}.layer_norm2"),
-        *_linear(f"{layer_f}/mlp/fc1", f"{layer_t}.mlp.fc1"),
-        *_linear(f"{layer_f}/mlp/fc2", f"{layer_t}.mlp.fc2"),
-        *_norm("text_model/final_layer_norm", "text_model.final_layer_norm"),
+        *norm_rules(f"{layer_f}/layer_norm1", f"{layer_t}.layer_norm1"),
+        *linear_rules(f"{layer_f}/self_attn/q_proj", f"{layer_t}.self_attn.q_proj"),
+        *linear_rules(f"{layer_f}/self_attn/k_proj", f"{layer_t}.self_attn.k_proj"),
+        *linear_rules(f"{layer_f}/self_attn/v_proj", f"{layer_t}.self_attn.v_proj"),
+        *linear_rules(f"{layer_f}/self_attn/out_proj", f"{layer_t}.self_attn.out_proj"),
+        *norm_rules(f"{layer_f}/layer_norm2", f"{layer_t}.layer_norm2"),
+        *linear_rules(f"{layer_f}/mlp/fc1", f"{layer_t}.mlp.fc1"),
+        *linear_rules(f"{layer_f}/mlp/fc2", f"{layer_t}.mlp.fc2"),
+        *norm_rules("text_model/final_layer_norm", "text_model.final_layer_norm"),
     ]
     if config.architecture == "CLIPTextModelWithProjection":
         rules.append(Rule("text_projection/kernel", "text_projection.weight", LINEAR))

@@ -46,6 +46,22 @@ class Rule:
     transform: Transform = IDENTITY
 
 
+def linear_rules(f: str, t: str, transform: Transform = LINEAR, bias: bool = True) -> list[Rule]:
+    """A Dense at Flax path `f` ↔ a torch layer with `weight` (+ `bias`) at key prefix `t`."""
+    rules = [Rule(f"{f}/kernel", f"{t}.weight", transform)]
+    return rules + [Rule(f"{f}/bias", f"{t}.bias")] if bias else rules
+
+
+def conv_rules(f: str, t: str) -> list[Rule]:
+    """An NHWC `nn.Conv` at Flax path `f` ↔ a torch `nn.Conv2d` at key prefix `t`."""
+    return linear_rules(f, t, CONV)
+
+
+def norm_rules(f: str, t: str) -> list[Rule]:
+    """A LayerNorm / GroupNorm (`scale`, `bias`) ↔ torch's (`weight`, `bias`)."""
+    return [Rule(f"{f}/scale", f"{t}.weight"), Rule(f"{f}/bias", f"{t}.bias")]
+
+
 def _compile(pattern: str, sep: str) -> re.Pattern:
     parts = re.split(r"(\{\w+\})", pattern)
     regex = "".join(f"(?P<{p[1:-1]}>\\d+)" if p.startswith("{") else re.escape(p) for p in parts)

@@ -3,52 +3,23 @@
 diffusers (0.42) saves the mid-block attention under its current names (`group_norm`, `to_q`,
 `to_k`, `to_v`, `to_out.0`); the pre-0.14 names (`query`, `key`, `value`, `proj_attn`) are
 converted by diffusers on load only for old Hub files, and are not accepted here.
-The `resnet_rules` / `conv_rules` / `norm_rules` helpers serve any diffusers 2-D model.
 """
 
 from __future__ import annotations
 
 from jaxvision.models import vae
 from jaxvision.models.vae import AutoencoderKLConfig
-from jaxvision.weights.mapping import CONV, LINEAR, KeyTable, Rule
+from jaxvision.weights.mapping import KeyTable, Rule, conv_rules, linear_rules, norm_rules
+from jaxvision.weights.resnet_keys import join, resnet_rules
 from jaxvision.weights.spec import ModelSpec
-
-
-def _join(prefix: str, name: str, sep: str) -> str:
-    return f"{prefix}{sep}{name}" if prefix else name
-
-
-def conv_rules(f: str, t: str) -> list[Rule]:
-    """An `nn.Conv` at Flax path `f` ↔ a torch `nn.Conv2d` at key prefix `t`."""
-    return [Rule(f"{f}/kernel", f"{t}.weight", CONV), Rule(f"{f}/bias", f"{t}.bias")]
-
-
-def linear_rules(f: str, t: str) -> list[Rule]:
-    return [Rule(f"{f}/kernel", f"{t}.weight", LINEAR), Rule(f"{f}/bias", f"{t}.bias")]
-
-
-def norm_rules(f: str, t: str) -> list[Rule]:
-    return [Rule(f"{f}/scale", f"{t}.weight"), Rule(f"{f}/bias", f"{t}.bias")]
-
-
-def resnet_rules(f: str, t: str) -> list[Rule]:
-    """A `resnet.ResnetBlock2D` at Flax path `f` ↔ diffusers' `ResnetBlock2D` at `t` ("" = root)."""
-    return [
-        *norm_rules(_join(f, "norm1", "/"), _join(t, "norm1", ".")),
-        *conv_rules(_join(f, "conv1", "/"), _join(t, "conv1", ".")),
-        *linear_rules(_join(f, "time_emb_proj", "/"), _join(t, "time_emb_proj", ".")),
-        *norm_rules(_join(f, "norm2", "/"), _join(t, "norm2", ".")),
-        *conv_rules(_join(f, "conv2", "/"), _join(t, "conv2", ".")),
-        *conv_rules(_join(f, "conv_shortcut", "/"), _join(t, "conv_shortcut", ".")),
-    ]
 
 
 def attention_rules(f: str, t: str) -> list[Rule]:
     """`vae.SpatialSelfAttention` ↔ diffusers' `Attention` (current key names)."""
     return [
-        *norm_rules(_join(f, "group_norm", "/"), _join(t, "group_norm", ".")),
-        *[r for n in ("to_q", "to_k", "to_v") for r in linear_rules(_join(f, n, "/"), _join(t, n, "."))],
-        *linear_rules(_join(f, "to_out_0", "/"), _join(t, "to_out.0", ".")),
+        *norm_rules(join(f, "group_norm", "/"), join(t, "group_norm", ".")),
+        *[r for n in ("to_q", "to_k", "to_v") for r in linear_rules(join(f, n, "/"), join(t, n, "."))],
+        *linear_rules(join(f, "to_out_0", "/"), join(t, "to_out.0", ".")),
     ]
 
 

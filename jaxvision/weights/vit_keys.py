@@ -4,16 +4,8 @@ from __future__ import annotations
 
 from jaxvision.models import vit
 from jaxvision.models.vit import ViTConfig
-from jaxvision.weights.mapping import CONV, LINEAR, KeyTable, Rule
+from jaxvision.weights.mapping import CONV, KeyTable, Rule, linear_rules, norm_rules
 from jaxvision.weights.spec import ModelSpec
-
-
-def _linear(flax: str, torch: str) -> list[Rule]:
-    return [Rule(f"{flax}/kernel", f"{torch}.weight", LINEAR), Rule(f"{flax}/bias", f"{torch}.bias")]
-
-
-def _norm(flax: str, torch: str) -> list[Rule]:
-    return [Rule(f"{flax}/scale", f"{torch}.weight"), Rule(f"{flax}/bias", f"{torch}.bias")]
 
 
 def _backbone(f: str, t: str) -> list[Rule]:
@@ -28,23 +20,23 @@ def _backbone(f: str, t: str) -> list[Rule]:
             CONV,
         ),
         Rule(f + "embeddings/patch_embeddings/bias", t + "embeddings.patch_embeddings.projection.bias"),
-        *_norm(f"{layer_f}/layernorm_before", f"{layer_t}.layernorm_before"),
-        *_linear(f"{layer_f}/attention/query", f"{layer_t}.attention.attention.query"),
-        *_linear(f"{layer_f}/attention/key", f"{layer_t}.attention.attention.key"),
-        *_linear(f"{layer_f}/attention/value", f"{layer_t}.attention.attention.value"),
-        *_linear(f"{layer_f}/attention/output", f"{layer_t}.attention.output.dense"),
-        *_norm(f"{layer_f}/layernorm_after", f"{layer_t}.layernorm_after"),
-        *_linear(f"{layer_f}/intermediate", f"{layer_t}.intermediate.dense"),
-        *_linear(f"{layer_f}/output", f"{layer_t}.output.dense"),
-        *_norm(f + "layernorm", t + "layernorm"),
-        *_linear(f + "pooler", t + "pooler.dense"),
+        *norm_rules(f"{layer_f}/layernorm_before", f"{layer_t}.layernorm_before"),
+        *linear_rules(f"{layer_f}/attention/query", f"{layer_t}.attention.attention.query"),
+        *linear_rules(f"{layer_f}/attention/key", f"{layer_t}.attention.attention.key"),
+        *linear_rules(f"{layer_f}/attention/value", f"{layer_t}.attention.attention.value"),
+        *linear_rules(f"{layer_f}/attention/output", f"{layer_t}.attention.output.dense"),
+        *norm_rules(f"{layer_f}/layernorm_after", f"{layer_t}.layernorm_after"),
+        *linear_rules(f"{layer_f}/intermediate", f"{layer_t}.intermediate.dense"),
+        *linear_rules(f"{layer_f}/output", f"{layer_t}.output.dense"),
+        *norm_rules(f + "layernorm", t + "layernorm"),
+        *linear_rules(f + "pooler", t + "pooler.dense"),
     ]
 
 
 def vit_key_table(config: ViTConfig) -> KeyTable:
     if config.architecture == "ViTModel":
         return KeyTable(_backbone("", ""))
-    return KeyTable([*_backbone("vit/", "vit."), *_linear("classifier", "classifier")])
+    return KeyTable([*_backbone("vit/", "vit."), *linear_rules("classifier", "classifier")])
 
 
 SPEC = ModelSpec(

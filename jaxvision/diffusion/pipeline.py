@@ -207,7 +207,7 @@ class StableDiffusionPipeline:
         keys = jnp.stack([jax.random.key(s) for s in seeds])
         start_index = 0
         if latents is None:
-            latents = jnp.stack([jax.random.normal(jax.random.fold_in(k, START_NOISE), shape[1:]) for k in keys])
+            latents = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, START_NOISE), shape[1:]))(keys)
             latents = latents * state.init_noise_sigma
         else:
             latents = jnp.asarray(latents, jnp.float32)

@@ -179,12 +179,90 @@ def generate(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
+def dreambooth(p: argparse.ArgumentParser) -> Runner:
+    """DreamBooth fine-tuning of a Stable Diffusion folder; writes a run directory and a diffusers export."""
+    p.add_argument("--config", required=True, help="run config YAML (see configs/dreambooth/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.max_steps=800")
+    p.add_argument(
+        "--init-demo",
+        action="store_true",
+        help="first write a tiny RANDOM model to model.path and the bundled photos to data.instance_dir (if missing)",
+    )
+
+    def run(args: argparse.Namespace) -> int:
+        from jaxvision.train import dreambooth as db
+
+        cfg = db.load(args.config, args.overrides)
+        if args.init_demo:
+            from jaxvision.train.dreambooth_tiny import prepare_demo
+
+            prepare_demo(cfg.model.path, cfg.data.instance_dir)
+        print(json.dumps(db.run(cfg)))
+        return 0
+
+    return run
+
+
+def finetune(p: argparse.ArgumentParser) -> Runner:
+    """Fine-tune (or train from scratch) a ViT classifier; writes a run directory with an HF export."""
+    p.add_argument("--config", required=True, help="YAML run config, e.g. configs/vit/digits.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=500")
+
+    def run(args: argparse.Namespace) -> int:
+        from jaxvision.train import vit_finetune
+        from jaxvision.train.config import load_config
+
+        cfg = load_config(vit_finetune.FinetuneConfig, args.config, args.overrides)
+        vit_finetune.run(cfg)
+        return 0
+
+    return run
+
+
+# trainer name → (module, schema class name); each module has `plan(config) -> dict`.
+PLANNERS = {
+    "finetune": ("jaxvision.train.vit_finetune", "FinetuneConfig"),
+    "dreambooth": ("jaxvision.train.dreambooth", "DreamBoothConfig"),
+}
+
+
+def plan(p: argparse.ArgumentParser) -> Runner:
+    """Memory plan of a trainer's compiled train step (per-device bytes), without running it."""
+    p.add_argument("--config", required=True, help="the trainer's YAML run config")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. mesh.fsdp=8")
+    p.add_argument(
+        "--trainer", choices=sorted(PLANNERS), default="finetune", help="which trainer's step (default: finetune)"
+    )
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        from jaxvision.train.config import load_config
+
+        module_name, schema_name = PLANNERS[args.trainer]
+        trainer = importlib.import_module(module_name)
+        result = trainer.plan(load_config(getattr(trainer, schema_name), args.config, args.overrides))
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        print(f"{args.trainer} train step on {result['devices']} device(s), per device:")
+        for key, value in result["per_device_bytes"].items():
+            print(f"  {key:<10} {value / 2**20:12.1f} MiB")
+        return 0
+
+    return run
+
+
 # name → command; add new commands here (generate, finetune, dreambooth, plan, quantize, export-onnx).
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Runner]] = {
     "classify": classify,
     "embed": embed,
     "init-vit": init_vit,
     "generate": generate,
+    "dreambooth": dreambooth,
+    "finetune": finetune,
+    "plan": plan,
 }
 
 

@@ -5,6 +5,9 @@ Every scheduler is a frozen dataclass of its diffusers config with
 `scale_model_input(state, sample, step_index)` and
 `step(state, model_output, step_index, sample, key=None) -> (prev_sample, state)`;
 `step_index` may be a traced integer, so a whole denoising loop runs in one `jax.jit`.
+For image-to-image, `set_begin_index(state, begin_index)` starts a run mid-schedule and
+`add_noise_at(state, x, noise, step_index)` noises clean samples to a step's noise level, as
+diffusers' `set_begin_index` and `add_noise`; `order` is diffusers' class attribute.
 """
 
 from jaxvision.diffusion.ddim import DDIMScheduler, DDIMState

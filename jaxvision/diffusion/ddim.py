@@ -36,6 +36,7 @@ class DDIMScheduler(schedule.SchedulerConfig):
     """diffusers' `DDIMScheduler.__init__` arguments, with its defaults."""
 
     diffusers_class: ClassVar[str] = "DDIMScheduler"
+    order: ClassVar[int] = 1  # diffusers' `order`: model evaluations per inference step
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -78,6 +79,30 @@ class DDIMScheduler(schedule.SchedulerConfig):
             alpha_prod_t_prev=schedule.f32(a_prev),
             init_noise_sigma=schedule.f32(1.0),
         )
+
+    def set_begin_index(self, state: DDIMState, begin_index: int) -> DDIMState:
+        """Starting mid-schedule (image-to-image) changes nothing: each step reads its own timestep."""
+        del begin_index
+        return state
+
+    def add_noise_at(
+        self, state: DDIMState, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
+    ) -> jnp.ndarray:
+        """`original_samples` noised to step `step_index`'s timestep, as diffusers' `add_noise(x, noise,
+        timesteps[step_index:step_index + 1])`.
+
+        Args:
+            state: from `set_timesteps`.
+            original_samples: `[batch, ...]` clean samples.
+            noise: standard-normal noise shaped like `original_samples`.
+            step_index: int scalar (may be traced).
+
+        Returns:
+            The noisy samples, shaped like `original_samples`.
+        """
+        # alpha_prod_t[i] is alphas_cumprod at timesteps[i], so it serves as the lookup table.
+        i = jnp.broadcast_to(jnp.asarray(step_index), original_samples.shape[:1])
+        return schedule.add_noise(state.alpha_prod_t, original_samples, noise, i)
 
     def scale_model_input(self, state: DDIMState, sample: jnp.ndarray, step_index: jnp.ndarray) -> jnp.ndarray:
         """DDIM does not scale the model input."""

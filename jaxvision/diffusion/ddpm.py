@@ -40,6 +40,7 @@ class DDPMScheduler(schedule.SchedulerConfig):
     """diffusers' `DDPMScheduler.__init__` arguments, with its defaults."""
 
     diffusers_class: ClassVar[str] = "DDPMScheduler"
+    order: ClassVar[int] = 1  # diffusers' `order`: model evaluations per inference step
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -86,6 +87,29 @@ class DDPMScheduler(schedule.SchedulerConfig):
             alphas_cumprod=schedule.f32(ac),
             init_noise_sigma=schedule.f32(1.0),
         )
+
+    def set_begin_index(self, state: DDPMState, begin_index: int) -> DDPMState:
+        """Starting mid-schedule (image-to-image) changes nothing: each step reads its own timestep."""
+        del begin_index
+        return state
+
+    def add_noise_at(
+        self, state: DDPMState, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
+    ) -> jnp.ndarray:
+        """`original_samples` noised to step `step_index`'s timestep, as diffusers' `add_noise(x, noise,
+        timesteps[step_index:step_index + 1])`.
+
+        Args:
+            state: from `set_timesteps`.
+            original_samples: `[batch, ...]` clean samples.
+            noise: standard-normal noise shaped like `original_samples`.
+            step_index: int scalar (may be traced).
+
+        Returns:
+            The noisy samples, shaped like `original_samples`.
+        """
+        t = jnp.broadcast_to(state.timesteps[step_index], original_samples.shape[:1])
+        return schedule.add_noise(state.alphas_cumprod, original_samples, noise, t)
 
     def scale_model_input(self, state: DDPMState, sample: jnp.ndarray, step_index: jnp.ndarray) -> jnp.ndarray:
         """DDPM does not scale the model input."""

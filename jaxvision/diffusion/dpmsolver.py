@@ -49,6 +49,7 @@ class DPMSolverMultistepScheduler(schedule.SchedulerConfig):
     """
 
     diffusers_class: ClassVar[str] = "DPMSolverMultistepScheduler"
+    order: ClassVar[int] = 1  # diffusers' `order`: model evaluations per inference step
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -145,6 +146,33 @@ class DPMSolverMultistepScheduler(schedule.SchedulerConfig):
             prev_x0=jnp.zeros(tuple(sample_shape), jnp.float32),
             init_noise_sigma=schedule.f32(1.0),
         )
+
+    def set_begin_index(self, state: DPMSolverState, begin_index: int) -> DPMSolverState:
+        """Starts the run at step `begin_index` (image-to-image): that step has no history, so it is
+        first order, as diffusers' `lower_order_nums` (counted from the first step run) makes it."""
+        first = np.asarray(state.first_order) | (np.arange(state.first_order.shape[0]) == begin_index)
+        return state.replace(first_order=jnp.asarray(first))
+
+    def add_noise_at(
+        self,
+        state: DPMSolverState,
+        original_samples: jnp.ndarray,
+        noise: jnp.ndarray,
+        step_index: int | jnp.ndarray,
+    ) -> jnp.ndarray:
+        """`alpha_i x + sigma_i noise` at `sigmas[step_index]`, diffusers' `add_noise` at the begin index.
+
+        Args:
+            state: from `set_timesteps`.
+            original_samples: `[batch, ...]` clean samples.
+            noise: standard-normal noise shaped like `original_samples`.
+            step_index: int scalar (may be traced).
+
+        Returns:
+            The noisy samples, shaped like `original_samples`.
+        """
+        alpha_t, sigma_t = _alpha_sigma(state.sigmas[step_index])
+        return alpha_t * original_samples + sigma_t * noise
 
     def scale_model_input(self, state: DPMSolverState, sample: jnp.ndarray, step_index: jnp.ndarray) -> jnp.ndarray:
         """DPM-Solver does not scale the model input."""

@@ -48,6 +48,26 @@ def scale_by_sigma(state: SigmaState, sample: jnp.ndarray, step_index: jnp.ndarr
     return sample / (sigma**2 + 1) ** 0.5
 
 
+def add_noise_by_sigma(
+    state: SigmaState, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
+) -> jnp.ndarray:
+    """`x + sigma_i * noise`: the sigma schedulers' `add_noise` at the begin index (image-to-image).
+
+    diffusers' Euler / Euler-ancestral / LMS `add_noise` take sigma at `begin_index` once a pipeline
+    has called `set_begin_index`, whatever timestep value it is handed.
+
+    Args:
+        state: from `set_timesteps`.
+        original_samples: `[batch, ...]` clean samples.
+        noise: standard-normal noise shaped like `original_samples`.
+        step_index: int scalar (may be traced).
+
+    Returns:
+        The noisy samples, shaped like `original_samples`.
+    """
+    return original_samples + noise * state.sigmas[step_index]
+
+
 def _interpolated_sigmas(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     sigmas = schedule.train_sigmas(alphas_cumprod)
     return np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
@@ -62,6 +82,7 @@ class EulerDiscreteScheduler(schedule.SchedulerConfig):
     """
 
     diffusers_class: ClassVar[str] = "EulerDiscreteScheduler"
+    order: ClassVar[int] = 1  # diffusers' `order`: model evaluations per inference step
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -112,6 +133,17 @@ class EulerDiscreteScheduler(schedule.SchedulerConfig):
             init_noise_sigma=schedule.f32(init_noise_sigma(sigmas, self.timestep_spacing)),
         )
 
+    def set_begin_index(self, state: SigmaState, begin_index: int) -> SigmaState:
+        """Starting mid-schedule (image-to-image) changes nothing: each step reads sigma at its index."""
+        del begin_index
+        return state
+
+    def add_noise_at(
+        self, state: SigmaState, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
+    ) -> jnp.ndarray:
+        """`original_samples + sigmas[step_index] * noise` (see `add_noise_by_sigma`)."""
+        return add_noise_by_sigma(state, original_samples, noise, step_index)
+
     def scale_model_input(self, state: SigmaState, sample: jnp.ndarray, step_index: jnp.ndarray) -> jnp.ndarray:
         """`sample / sqrt(sigma^2 + 1)` at this step."""
         return scale_by_sigma(state, sample, step_index)
@@ -150,6 +182,7 @@ class EulerAncestralDiscreteScheduler(schedule.SchedulerConfig):
     """diffusers' `EulerAncestralDiscreteScheduler.__init__` arguments, with its defaults."""
 
     diffusers_class: ClassVar[str] = "EulerAncestralDiscreteScheduler"
+    order: ClassVar[int] = 1  # diffusers' `order`: model evaluations per inference step
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.0001
@@ -178,6 +211,17 @@ class EulerAncestralDiscreteScheduler(schedule.SchedulerConfig):
             sigmas=schedule.f32(sigmas),
             init_noise_sigma=schedule.f32(init_noise_sigma(sigmas, self.timestep_spacing)),
         )
+
+    def set_begin_index(self, state: SigmaState, begin_index: int) -> SigmaState:
+        """Starting mid-schedule (image-to-image) changes nothing: each step reads sigma at its index."""
+        del begin_index
+        return state
+
+    def add_noise_at(
+        self, state: SigmaState, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
+    ) -> jnp.ndarray:
+        """`original_samples + sigmas[step_index] * noise` (see `add_noise_by_sigma`)."""
+        return add_noise_by_sigma(state, original_samples, noise, step_index)
 
     def scale_model_input(self, state: SigmaState, sample: jnp.ndarray, step_index: jnp.ndarray) -> jnp.ndarray:
         """`sample / sqrt(sigma^2 + 1)` at this step."""

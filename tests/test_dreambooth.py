@@ -1,0 +1,382 @@
+"""DreamBooth: loss parity with a diffusers/PyTorch reference, the CLI end to end, resume, frozen
+networks, the memory plan, and the data checks."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+import torch
+from fixtures.tiny_sd import write_tiny_sd
+from PIL import Image
+
+import jaxvision
+from jaxvision.errors import ConfigError
+from jaxvision.train import dreambooth as db
+from jaxvision.train import dreambooth_data as data_lib
+from jaxvision.train.tracking import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "jaxvision" / "assets"
+# transformers v5 names the final norm without the `text_model.` prefix of the checkpoint keys.
+FINAL_NORM = "final_layer_norm.weight"
+# As tests/train_helpers.py: LLVM's expensive passes dominate CPU compile time of tiny programs.
+FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+RES = 16  # the tiny UNet's sample_size 8 times the tiny VAE's factor 2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny SD1-style pipeline written by diffusers' own save_pretrained, and the torch pipeline."""
+    directory = tmp_path_factory.mktemp("tiny_sd")
+    return directory, write_tiny_sd(directory, seed=3)
+
+
+@pytest.fixture(scope="module")
+def jax_models(tiny):
+    """The UNet and text encoder loaded through the production loader."""
+    directory, _ = tiny
+    unet, unet_params = jaxvision.from_pretrained(directory / "unet")
+    text_encoder, te_params = jaxvision.from_pretrained(directory / "text_encoder")
+    return unet, unet_params, text_encoder, te_params
+
+
+# ----------------------------------------------------------------------------- loss parity
+
+
+def _reference(pipe, latents, input_ids, noise, timesteps, prior_rows, weight, prediction_type, train_te):
+    """diffusers' train_dreambooth.py loss (instance half + weight × class half) and two gradients."""
+    scheduler = diffusers.DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    unet, text_encoder = pipe.unet, pipe.text_encoder
+    unet.zero_grad()
+    text_encoder.zero_grad()
+    for p in text_encoder.parameters():
+        p.requires_grad_(train_te)
+    lat = torch.from_numpy(latents.transpose(0, 3, 1, 2))
+    eps = torch.from_numpy(noise.transpose(0, 3, 1, 2))
+    t = torch.from_numpy(timesteps).long()
+    hidden = text_encoder(torch.from_numpy(input_ids).long())[0]
+    noisy = scheduler.add_noise(lat, eps, t)
+    target = eps if prediction_type == "epsilon" else scheduler.get_velocity(lat, eps, t)
+    pred = unet(noisy, t, hidden).sample
+    if prior_rows:
+        pred, pred_prior = torch.chunk(pred, 2)
+        target, target_prior = torch.chunk(target, 2)
+        loss = torch.nn.functional.mse_loss(pred, target) + weight * torch.nn.functional.mse_loss(
+            pred_prior, target_prior
+        )
+    else:
+        loss = torch.nn.functional.mse_loss(pred, target)
+    loss.backward()
+    unet_grad = unet.conv_in.weight.grad.numpy().transpose(2, 3, 1, 0)  # OIHW → HWIO
+    te_grad = text_encoder.get_parameter(FINAL_NORM).grad if train_te else None
+    return float(loss.detach()), unet_grad, None if te_grad is None else te_grad.numpy()
+
+
+@functools.partial(jax.jit, static_argnums=(8, 9, 10))
+def _loss_and_grads(params, latents, input_ids, noise, timesteps, prior_mask, weight, alphas, unet, te, prediction):
+    """One compiled program per prediction type, shared by the parity cases."""
+
+    def loss_of(p):
+        return db.dreambooth_loss(
+            p,
+            latents,
+            input_ids,
+            noise,
+            timesteps,
+            prior_mask,
+            unet=unet,
+            text_encoder=te,
+            alphas_cumprod=alphas,
+            prediction_type=prediction,
+            prior_loss_weight=weight,
+        )
+
+    return jax.value_and_grad(loss_of, has_aux=True)(params)
+
+
+@pytest.mark.parametrize(
+    "prior, train_te, prediction_type",
+    [(False, False, "epsilon"), (True, True, "epsilon"), (True, False, "v_prediction")],
+)
+def test_loss_matches_diffusers_reference(tiny, jax_models, prior, train_te, prediction_type):
+    """`dreambooth_loss` (and its gradients w.r.t. the UNet, and the text encoder when trained)
+    equals diffusers' train_dreambooth.py computation on the same weights, latents, noise and
+    timesteps: add_noise / get_velocity of DDPMScheduler, the torch UNet and CLIP text encoder,
+    MSE on the instance half plus prior_loss_weight × MSE on the class half.
+    Tolerance: loss relative error <= 1e-5; gradients max abs error <= 1e-4 × max|reference|."""
+    _, pipe = tiny
+    unet, unet_params, text_encoder, te_params = jax_models
+    n = 4
+    r = np.random.default_rng(7)
+    latents = r.normal(size=(n, RES // 2, RES // 2, 4)).astype(np.float32)
+    noise = r.normal(size=latents.shape).astype(np.float32)
+    timesteps = np.array([5, 999, 400, 123], np.int32)
+    ids = pipe.tokenizer(["a photo of sks dog", "a photo of dog"], padding="max_length", max_length=77).input_ids
+    # Rows: instance, instance, then class, class with prior preservation (diffusers' layout).
+    prior_mask = np.array([0, 0, 1, 1] if prior else [0, 0, 0, 0], np.float32)
+    input_ids = np.asarray(ids, np.int32)[prior_mask.astype(int)]
+    weight = 0.7
+    alphas = diffusers.DDPMScheduler.from_config(pipe.scheduler.config).alphas_cumprod.numpy()
+    args = (latents, input_ids, noise, timesteps, prior_mask, np.float32(weight), alphas)
+    with jax.default_matmul_precision("highest"):
+        (loss, aux), grads = _loss_and_grads(
+            {"unet": unet_params, "text_encoder": te_params}, *args, unet, text_encoder, prediction_type
+        )
+    ref_loss, ref_unet_grad, ref_te_grad = _reference(
+        pipe, latents, input_ids, noise, timesteps, prior, weight, prediction_type, train_te
+    )
+    rel = abs(float(loss) - ref_loss) / abs(ref_loss)
+    print(f"loss {float(loss):.7g} vs {ref_loss:.7g}: relative error {rel:.2e}")
+    assert rel <= 1e-5, (float(loss), ref_loss, rel)
+    np.testing.assert_allclose(float(aux["instance_loss"] + weight * aux["prior_loss"]), float(loss), rtol=1e-6)
+    g = np.asarray(grads["unet"]["conv_in"]["kernel"])
+    print(f"UNet conv_in grad error {np.abs(g - ref_unet_grad).max() / np.abs(ref_unet_grad).max():.2e} (relative)")
+    assert np.abs(g - ref_unet_grad).max() <= 1e-4 * np.abs(ref_unet_grad).max()
+    if train_te:
+        g = np.asarray(grads["text_encoder"]["text_model"]["final_layer_norm"]["scale"])
+        print(f"text encoder grad error {np.abs(g - ref_te_grad).max() / np.abs(ref_te_grad).max():.2e} (relative)")
+        assert np.abs(ref_te_grad).max() > 0
+        assert np.abs(g - ref_te_grad).max() <= 1e-4 * np.abs(ref_te_grad).max()
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _write_config(tmp: Path, model: Path, name: str, **sections) -> Path:
+    """A run config that extends configs/dreambooth/base.yaml, as a user's variant would."""
+    import yaml
+
+    cfg = {
+        "base": str(ROOT / "configs" / "dreambooth" / "base.yaml"),
+        "output_dir": str(tmp / name),
+        "model": {"path": str(model)},
+        "data": {
+            "instance_dir": str(tmp / "instance"),
+            "class_dir": str(tmp / "class"),
+            "num_class_images": 2,
+            "class_inference_steps": 2,
+            "class_batch_size": 2,
+            "resolution": RES,
+        },
+        "train": {"batch_size": 1, "learning_rate": 1e-3, "train_text_encoder": True, "max_steps": 2},
+        # Same sampler settings as the class images: one compiled sampler serves both.
+        "validation": {
+            "prompts": ["a photo of sks dog"],
+            "every_steps": 2,
+            "num_images_per_prompt": 2,
+            "num_inference_steps": 2,
+        },
+        "checkpoint": {"every_steps": 2, "async_save": False},
+        "log": {"every_steps": 1},
+    }
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values} if isinstance(values, dict) else values
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(tmp: Path, *argv: str) -> tuple[dict, str]:
+    """Runs `python -m jaxvision dreambooth ...`; returns the printed summary and all stdout.
+
+    A subprocess lets XLA's fast-compile flags apply (every run compiles its own step) and shares
+    compiled programs between the runs through a persistent compilation cache under `tmp`.
+    """
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": FAST_COMPILE_FLAGS,
+        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxvision", "dreambooth", *argv], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def runs(tiny, tmp_path_factory):
+    """Run A: 2 steps (class images generated), then A resumed to 4; run B: 4 steps straight;
+    run C: 1 step with a frozen text encoder and no prior preservation."""
+    model, _ = tiny
+    tmp = tmp_path_factory.mktemp("dreambooth")
+    (tmp / "instance").mkdir()
+    for name in ("chelsea.jpg", "chelsea_exif_rotated.jpg"):
+        shutil.copy(ASSETS / name, tmp / "instance" / name)
+    (tmp / "instance" / "broken.jpg").write_bytes(b"this is not a JPEG")
+    config_a = _write_config(tmp, model, "a")
+    first, first_log = _cli(tmp, "--config", str(config_a))
+    class_files = {p.name: p.stat().st_mtime_ns for p in data_lib.list_images(tmp / "class")}
+    resumed, resumed_log = _cli(tmp, "--config", str(config_a), "train.max_steps=4")
+    config_b = _write_config(tmp, model, "b", validation={"prompts": []})
+    straight, _ = _cli(tmp, "--config", str(config_b), "train.max_steps=4")
+    config_c = _write_config(tmp, model, "c", train={"train_text_encoder": False, "prior_loss_weight": 0.0})
+    frozen, _ = _cli(tmp, "--config", str(config_c), "train.max_steps=1", "validation.prompts=[]")
+    return dict(
+        tmp=tmp,
+        model=model,
+        first=first,
+        first_log=first_log,
+        class_files=class_files,
+        resumed=resumed,
+        resumed_log=resumed_log,
+        straight=straight,
+        frozen=frozen,
+    )
+
+
+def test_cli_end_to_end(runs):
+    """The CLI generates the class images (then reuses them), reports the unreadable instance file
+    by name, trains, checkpoints, writes validation grids and TensorBoard events, and exports a
+    diffusers directory that diffusers' torch StableDiffusionPipeline loads and samples from."""
+    tmp, first, resumed = runs["tmp"], runs["first"], runs["resumed"]
+    out = Path(first["output_dir"])
+    assert first["class_images_generated"] == 2 and first["steps"] == 2
+    assert "broken.jpg" in runs["first_log"]
+    manifest = json.loads((tmp / "class" / "manifest.json").read_text())
+    assert manifest["prompt"] == "a photo of dog" and manifest["num_inference_steps"] == 2
+    assert sorted(manifest["images"]) == sorted(runs["class_files"]) and len(runs["class_files"]) == 2
+    # The second run generates none and leaves the cached files untouched.
+    assert resumed["class_images_generated"] == 0 and resumed["steps"] == 4
+    assert "none generated" in runs["resumed_log"]
+    assert {p.name: p.stat().st_mtime_ns for p in data_lib.list_images(tmp / "class")} == runs["class_files"]
+
+    assert (out / "config.yaml").is_file()
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4]
+    for step in (2, 4):
+        grid = Image.open(out / "samples" / f"step_{step:06d}.png")
+        assert grid.size == (2 * RES, RES)  # one prompt row, two seeds
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and any(b"validation" in e.read_bytes() for e in events)
+    assert any(b"instance_loss" in e.read_bytes() for e in events)
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(out / "export", torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe("a photo of sks dog", num_inference_steps=2, height=RES, width=RES, output_type="np").images
+    assert images.shape == (1, RES, RES, 3) and np.isfinite(images).all()
+
+
+def test_resume_is_bit_identical(runs):
+    """2 steps + resume to 4 (through a checkpoint) logs exactly the losses of 4 steps straight."""
+    resumed = read_metrics(runs["resumed"]["output_dir"])
+    straight = read_metrics(runs["straight"]["output_dir"])
+    assert [r["step"] for r in straight] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
+
+
+def _params(directory: Path) -> dict:
+    return jax.tree.map(np.asarray, jaxvision.from_pretrained(directory)[1])
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return all(jax.tree.leaves(jax.tree.map(np.array_equal, a, b)))
+
+
+def test_frozen_networks_stay_bit_identical(runs):
+    """train_text_encoder=false leaves the text encoder bit-identical; the VAE always is; the
+    trained networks do change (so the comparison can fail)."""
+    model = runs["model"]
+    base = {name: _params(model / name) for name in ("unet", "text_encoder", "vae")}
+    frozen = Path(runs["frozen"]["export"])
+    trained = Path(runs["resumed"]["export"])
+    assert _equal(_params(frozen / "text_encoder"), base["text_encoder"])
+    assert _equal(_params(frozen / "vae"), base["vae"])
+    assert not _equal(_params(frozen / "unet"), base["unet"])
+    assert _equal(_params(trained / "vae"), base["vae"])
+    assert not _equal(_params(trained / "text_encoder"), base["text_encoder"])
+
+
+# ----------------------------------------------------------------------------- plan and data
+
+
+def test_plan_sd15_full_size(tmp_path):
+    """`plan` compiles the full SD 1.5 DreamBooth step from the architecture alone (no weights on
+    disk) and reports per-device memory: fp32 params of UNet + CLIP + VAE (~1.07 G values) and
+    Adam moments of the UNet only (the text encoder and VAE are frozen). Run in a subprocess so
+    XLA's fast-compile flags apply (the memory plan is the same; the compile is ~35% faster)."""
+    code = (
+        "import json; from jaxvision.train import dreambooth as db; "
+        f"cfg = db.load({str(ROOT / 'configs' / 'dreambooth' / 'sd15.yaml')!r}, ['model.path=/nonexistent']); "
+        "print(json.dumps(db.plan(cfg)))"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    per = result["per_device_bytes"]
+    assert result["devices"] == 1
+    assert 4.0e9 < per["params"] < 4.6e9, per
+    assert 6.5e9 < per["opt_state"] < 7.2e9, per  # 2 × 859.5 M UNet values × 4 bytes
+    assert per["temp"] > 0 and per["total"] >= per["params"] + per["opt_state"] + per["temp"], per
+
+
+def test_unreadable_instance_images(tmp_path):
+    """Unreadable files are named and skipped if enough remain; otherwise a ConfigError names them."""
+    shutil.copy(ASSETS / "chelsea.jpg", tmp_path / "good.jpg")
+    (tmp_path / "bad.png").write_bytes(b"not a PNG")
+    messages = []
+    images, paths = data_lib.load_folder(tmp_path, 32, log=messages.append)
+    assert [p.name for p in paths] == ["good.jpg"] and min(images[0].shape[:2]) == 32
+    assert any("bad.png" in m for m in messages)
+    with pytest.raises(ConfigError, match=r"bad\.png.*min_instance_images"):
+        data_lib.load_folder(tmp_path, 32, min_images=2, log=messages.append)
+
+
+def test_batches_depend_only_on_seed_and_step():
+    """The data of step s is a pure function of (seed, s): resumed runs see the same batches."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (8, 12, 3), dtype=np.uint8) for _ in range(3)]
+    a = data_lib.ImageSet(images, 8, random_crop=True, random_flip=True)
+    b = data_lib.ImageSet(images, 8, random_crop=True, random_flip=True)
+    assert np.array_equal(a.batch(0, 5, 2), b.batch(0, 5, 2))
+    assert not np.array_equal(a.batch(0, 5, 2), a.batch(0, 6, 2))
+    # Each epoch visits every image once.
+    order = np.concatenate([a.indices(0, s, 1) for s in range(3)])
+    assert sorted(order) == [0, 1, 2]
+    assert a.batch(0, 0, 2).shape == (2, 8, 8, 3) and a.batch(0, 0, 2).min() >= -1.0
+
+
+class _Zero:
+    """A stand-in network: the text encoder's hidden states and the UNet's prediction are zeros."""
+
+    def apply(self, variables, x, *rest):
+        import types
+
+        zeros = jax.numpy.zeros_like(x, dtype=jax.numpy.float32)
+        return types.SimpleNamespace(last_hidden_state=zeros) if not rest else zeros
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weighting_matches_diffusers_formula(prediction_type):
+    """With snr_gamma, the instance rows' MSE is weighted by min(SNR, γ) / SNR (+1 for
+    v-prediction) as diffusers' train_dreambooth.py does; the class rows stay unweighted."""
+    r = np.random.default_rng(0)
+    latents, noise = r.normal(size=(2, 4, 4, 4, 4)).astype(np.float32)
+    timesteps = np.array([10, 900, 50, 600], np.int32)
+    prior_mask = np.array([0, 0, 1, 1], np.float32)
+    alphas = np.linspace(0.999, 0.01, 1000).astype(np.float32)
+    kw = dict(unet=_Zero(), text_encoder=_Zero(), alphas_cumprod=alphas, prediction_type=prediction_type)
+    args = ({"unet": {}, "text_encoder": {}}, latents, np.zeros((4, 77), np.int32), noise, timesteps, prior_mask)
+    loss, _ = db.dreambooth_loss(*args, prior_loss_weight=0.5, snr_gamma=5.0, **kw)
+    a = alphas[timesteps][:, None, None, None]
+    target = noise if prediction_type == "epsilon" else np.sqrt(a) * noise - np.sqrt(1 - a) * latents
+    mse = (target**2).mean(axis=(1, 2, 3))  # the prediction is zero
+    snr = alphas[timesteps] / (1 - alphas[timesteps])
+    weight = np.minimum(snr, 5.0) / snr + (1.0 if prediction_type == "v_prediction" else 0.0)
+    expected = (mse[:2] * weight[:2]).mean() + 0.5 * mse[2:].mean()
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from jaxvision.errors import JaxVisionError
+from jaxvision.errors import ConfigError, JaxVisionError
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -231,7 +231,9 @@ def plan(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("--config", required=True, help="the trainer's YAML run config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. mesh.fsdp=8")
     p.add_argument(
-        "--trainer", choices=sorted(PLANNERS), default="finetune", help="which trainer's step (default: finetune)"
+        "--trainer",
+        choices=sorted(PLANNERS),
+        help="which trainer's step (default: the one whose schema the config fits)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
@@ -240,9 +242,25 @@ def plan(p: argparse.ArgumentParser) -> Runner:
 
         from jaxvision.train.config import load_config
 
-        module_name, schema_name = PLANNERS[args.trainer]
-        trainer = importlib.import_module(module_name)
-        result = trainer.plan(load_config(getattr(trainer, schema_name), args.config, args.overrides))
+        if args.trainer:
+            trainer = importlib.import_module(PLANNERS[args.trainer][0])
+            cfg = load_config(getattr(trainer, PLANNERS[args.trainer][1]), args.config, args.overrides)
+        else:
+            # the trainer whose schema the config fits (unknown keys fail the other schemas)
+            fits, errors = [], []
+            for name, (module_name, schema_name) in sorted(PLANNERS.items()):
+                trainer = importlib.import_module(module_name)
+                try:
+                    fits.append(
+                        (name, trainer, load_config(getattr(trainer, schema_name), args.config, args.overrides))
+                    )
+                except ConfigError as e:
+                    errors.append(f"  as a {name} config: {e}")
+            if len(fits) != 1:
+                reason = "\n".join(errors) if not fits else f"  it fits {[f[0] for f in fits]}; pass --trainer"
+                raise ConfigError(f"{args.config}: cannot tell which trainer to plan:\n{reason}")
+            args.trainer, trainer, cfg = fits[0]
+        result = trainer.plan(cfg)
         if args.json:
             print(json.dumps(result))
             return 0

@@ -109,3 +109,15 @@ def test_config_errors_exit_nonzero_naming_the_key(capsys):
     assert "mesh.fsdpp" in capsys.readouterr().err
     assert cli.main(["plan", "--config", str(CONFIGS / "digits.yaml"), "train.batch_size=big"]) != 0
     assert "train.batch_size" in capsys.readouterr().err
+
+
+def test_plan_picks_the_trainer_whose_schema_the_config_fits(capsys):
+    """Without --trainer, a DreamBooth config is planned as DreamBooth (the finetune schema rejects
+    its keys), and a config that fits no trainer says why for each one."""
+    dreambooth = str(CONFIGS.parent / "dreambooth" / "sd15.yaml")
+    assert cli.main(["plan", "--config", dreambooth, "train.bogus=1", "--json"]) != 0
+    err = capsys.readouterr().err
+    assert "as a dreambooth config" in err and "train.bogus" in err
+    assert "as a finetune config" in err and "data.instance_prompt" in err
+    assert cli.main(["plan", "--trainer", "finetune", "--config", dreambooth, "--json"]) != 0
+    assert "as a dreambooth config" not in capsys.readouterr().err

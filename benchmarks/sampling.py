@@ -44,7 +44,17 @@ def _sd15_pipeline(directory: Path, tiny: bool):
         sample_size=512,
     )
     text = transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(hidden_act="quick_gelu", projection_dim=768, bos_token_id=0, eos_token_id=2)
+        # SD 1.5's CLIP ViT-L/14 text tower (transformers' CLIPTextConfig defaults are the smaller B/32)
+        transformers.CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=0,
+            eos_token_id=2,
+        )
     )
     tokenizer = transformers.CLIPTokenizer.from_pretrained(write_clip_tokenizer(directory / "_tok"))
     pipe = diffusers.StableDiffusionPipeline(

@@ -162,18 +162,7 @@ def optimizer_config(cfg: DreamBoothConfig) -> Any:
 
     t = cfg.train
     freeze = (*t.freeze, r"^vae/") + (() if t.train_text_encoder else (r"^text_encoder/",))
-    return OptimizerConfig(
-        name=t.optimizer,
-        learning_rate=t.learning_rate,
-        schedule=t.schedule,
-        warmup_steps=t.warmup_steps,
-        total_steps=t.max_steps,
-        weight_decay=t.weight_decay,
-        clip_norm=t.clip_norm,
-        accumulation_steps=t.grad_accum_steps,
-        freeze=freeze,
-        loss_scale="dynamic" if t.dtype == "float16" else "none",
-    )
+    return OptimizerConfig.from_train_section(t, freeze)
 
 
 def rows_per_step(cfg: DreamBoothConfig) -> int:

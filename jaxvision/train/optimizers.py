@@ -79,6 +79,26 @@ class OptimizerConfig:
         if isinstance(self.freeze, str | list):
             object.__setattr__(self, "freeze", (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze))
 
+    @classmethod
+    def from_train_section(cls, train: Any, freeze: tuple[str, ...] | None = None) -> OptimizerConfig:
+        """From a run config's `train` section (`jaxvision.train.config.TrainSection` or a subclass).
+
+        `freeze` replaces `train.freeze` (trainers add the networks they always keep frozen);
+        fp16 compute turns on dynamic loss scaling.
+        """
+        return cls(
+            name=train.optimizer,
+            learning_rate=train.learning_rate,
+            schedule=train.schedule,
+            warmup_steps=train.warmup_steps,
+            total_steps=train.max_steps,
+            weight_decay=train.weight_decay,
+            clip_norm=train.clip_norm,
+            accumulation_steps=train.grad_accum_steps,
+            freeze=tuple(train.freeze) if freeze is None else freeze,
+            loss_scale="dynamic" if train.dtype == "float16" else "none",
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:

@@ -294,18 +294,7 @@ def build_model(cfg: FinetuneConfig, labels: tuple[str, ...], *, load_weights: b
 
 
 def optimizer_config(cfg: FinetuneConfig) -> OptimizerConfig:
-    t = cfg.train
-    return OptimizerConfig(
-        name=t.optimizer,
-        learning_rate=t.learning_rate,
-        schedule=t.schedule,
-        warmup_steps=t.warmup_steps,
-        total_steps=t.max_steps,
-        weight_decay=t.weight_decay,
-        clip_norm=t.clip_norm,
-        accumulation_steps=t.grad_accum_steps,
-        freeze=tuple(t.freeze),
-    )
+    return OptimizerConfig.from_train_section(cfg.train)
 
 
 def _init_fn(model: Model):

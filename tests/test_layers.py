@@ -39,3 +39,30 @@ def test_activations_are_exact():
     np.testing.assert_allclose(layers.activation("quick_gelu")(x), x * jax.nn.sigmoid(1.702 * x))
     with pytest.raises(ValueError, match="unsupported activation 'mish'"):
         layers.activation("mish")
+
+
+def test_cudnn_falls_back_to_xla_for_inputs_cudnn_rejects():
+    """`implementation="cudnn"` routes inputs cuDNN rejects (fp32, or SD's biased 4096×77-style odd
+    lengths) to XLA's attention, so one model can mix both; on CPU the fp32 fallback must equal
+    the reference (a cuDNN call there would raise "cuDNN is not detected")."""
+    bf16 = jnp.zeros((1, 64, 2, 16), jnp.bfloat16)
+    assert layers.cudnn_unsupported(bf16, bf16, None) is None
+    assert "dtype float32" in layers.cudnn_unsupported(bf16.astype(jnp.float32), bf16, None)
+    assert "head_dim 12" in layers.cudnn_unsupported(jnp.zeros((1, 64, 2, 12), jnp.bfloat16), bf16, None)
+    odd_kv = jnp.zeros((1, 77, 2, 16), jnp.bfloat16)
+    assert "Q 64, KV 77" in layers.cudnn_unsupported(bf16, odd_kv, jnp.zeros((1, 1, 64, 77)))
+    assert layers.cudnn_unsupported(bf16, odd_kv, None) is None
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 6, 3, 8)) for i in range(3))
+    with jax.default_matmul_precision("highest"):
+        ref = layers.reference_attention(q, k, v, is_causal=True)
+        out = layers.attention(q, k, v, is_causal=True, implementation="cudnn")
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+
+
+def test_fp16_attention_runs_on_cpu():
+    """XLA:CPU lacks the fp16×fp16→fp32 dot of `jax.nn.dot_product_attention`; fp16 inputs take the
+    einsum path there (fp32 softmax) and stay close to the fp32 reference."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 9, 2, 8)) for i in range(3))
+    out = layers.attention(q.astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16))
+    assert out.dtype == jnp.float16
+    np.testing.assert_allclose(out.astype(jnp.float32), layers.reference_attention(q, k, v), atol=5e-3)

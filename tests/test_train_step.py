@@ -5,6 +5,7 @@ Multi-device equivalence is in test_train_sharding.py; crash/resume in test_chec
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import chex
@@ -241,3 +242,34 @@ def test_schedules_and_decay_mask():
         optimizers.OptimizerConfig(schedule="cosine", warmup_steps=5, total_steps=5)
     with pytest.raises(ConfigError, match="optimizer.name='lion'"):
         optimizers.OptimizerConfig(name="lion")
+
+
+def test_lr_groups_equal_separate_optimizers_per_group():
+    """`lr_groups` (used for DreamBooth's text-encoder learning rate) gives each group exactly the
+    update of its own AdamW with its own peak LR, after one global-norm clip over all params."""
+    params = {"unet": {"k": jnp.ones((3, 2))}, "text_encoder": {"k": jnp.full((2, 2), 0.5), "b": jnp.ones(2)}}
+    grads = jax.tree.map(lambda p: jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) + 1.0, params)
+    kw = dict(learning_rate=1e-2, schedule="linear", warmup_steps=1, total_steps=10, weight_decay=0.1, clip_norm=2.0)
+    config = optimizers.OptimizerConfig(lr_groups=((r"^text_encoder/", 3e-4),), **kw)
+    tx = optimizers.make_optimizer(config).tx
+    opt_state = tx.init(params)
+    got = params
+    for _ in range(3):
+        updates, opt_state = tx.update(grads, opt_state, got)
+        got = optax.apply_updates(got, updates)
+
+    # Reference: clip once globally, then two independent AdamWs.
+    clipped = optax.clip_by_global_norm(2.0).update(grads, optax.EmptyState())[0]
+    expected = {}
+    for name, lr in (("unet", 1e-2), ("text_encoder", 3e-4)):
+        ref = optimizers.make_optimizer(dataclasses.replace(config, lr_groups=(), clip_norm=None, learning_rate=lr))
+        p, s = params[name], ref.tx.init(params[name])
+        for _ in range(3):
+            u, s = ref.tx.update(clipped[name], s, p)
+            p = optax.apply_updates(p, u)
+        expected[name] = p
+    chex.assert_trees_all_close(got, expected, atol=1e-7, rtol=1e-6)
+    labels = optimizers.lr_group_labels(params, config.lr_groups)
+    assert labels == {"unet": {"k": "default"}, "text_encoder": {"k": "group_0", "b": "group_0"}}
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        optimizers.OptimizerConfig(lr_groups=(("(", 1.0),))

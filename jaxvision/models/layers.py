@@ -202,6 +202,22 @@ def reference_attention(
     return jnp.einsum("bhqk,bkhd->bqhd", weights, value)
 
 
+def cudnn_unsupported(query: jax.Array, key: jax.Array, bias: jax.Array | None) -> str | None:
+    """Why cuDNN's fused attention (as checked by `jax.nn.dot_product_attention`) would reject
+    these inputs, or None. Mirrors jax's `check_layout`/`check_is_flash_attention` for bf16/fp16:
+    fp16/bf16 only, head_dim a multiple of 8 and <= 128 (256 on Hopper; 128 is safe everywhere),
+    and even sequence lengths when a bias is present (the backward pass needs it)."""
+    q_len, head_dim = query.shape[1], query.shape[-1]
+    kv_len = key.shape[1]
+    if query.dtype not in (jnp.bfloat16, jnp.float16):
+        return f"dtype {query.dtype} (cuDNN takes bf16/fp16)"
+    if head_dim % 8 or head_dim > 128:
+        return f"head_dim {head_dim}"
+    if bias is not None and (q_len % 2 or kv_len % 2):
+        return f"odd sequence length with a bias (Q {q_len}, KV {kv_len})"
+    return None
+
+
 def attention(
     query: jax.Array,
     key: jax.Array,
@@ -227,14 +243,28 @@ def attention(
     Returns:
       `[batch, q_len, heads, head_dim]` in the query dtype.
     """
-    if implementation == "reference":
-        return reference_attention(query, key, value, bias=bias, is_causal=is_causal, scale=scale)
     dtype = query.dtype
     if upcast and dtype != jnp.float32:
         query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
+    if implementation == "cudnn" and cudnn_unsupported(query, key, bias) is not None:
+        # One model mixes shapes cuDNN takes with ones it rejects (an odd-length biased
+        # attention, an fp32 upcast): those calls use XLA's attention, the rest stay fused.
+        implementation = "xla"
+    if implementation == "reference" or (query.dtype == jnp.float16 and jax.default_backend() == "cpu"):
+        # XLA:CPU has no fp16×fp16→fp32 dot, which `jax.nn.dot_product_attention` emits.
+        out = reference_attention(query, key, value, bias=bias, is_causal=is_causal, scale=scale)
+        return out.astype(dtype)
     if bias is not None:
         bias = bias.astype(query.dtype)
-    out = jax.nn.dot_product_attention(
-        query, key, value, bias=bias, scale=scale, is_causal=is_causal, implementation=implementation
-    )
+    try:
+        out = jax.nn.dot_product_attention(
+            query, key, value, bias=bias, scale=scale, is_causal=is_causal, implementation=implementation
+        )
+    except NotImplementedError:
+        if implementation != "cudnn":
+            raise
+        # A cuDNN-version-specific rule `cudnn_unsupported` does not know (checked while tracing).
+        out = jax.nn.dot_product_attention(
+            query, key, value, bias=bias, scale=scale, is_causal=is_causal, implementation="xla"
+        )
     return out.astype(dtype)

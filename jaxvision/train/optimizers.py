@@ -10,10 +10,12 @@ whatever `accumulation_steps` is.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import jax
 import optax
+from flax import traverse_util
 
 from jaxvision.errors import ConfigError
 
@@ -42,6 +44,9 @@ class OptimizerConfig:
       ema_decay: keep an exponential moving average of the trainable params (None: off).
       freeze: regexes over "/"-joined param paths that are not trained.
       loss_scale: "none" (fp32 / bf16) or "dynamic" (fp16: scaled loss, skip non-finite steps).
+      lr_groups: `(regex, peak learning rate)` pairs over "/"-joined param paths; a param takes the
+        first group it matches (`re.search`) and the default `learning_rate` otherwise. Every group
+        follows the same schedule shape (torch's param groups under one LR scheduler).
     """
 
     name: str = "adamw"
@@ -59,6 +64,7 @@ class OptimizerConfig:
     ema_decay: float | None = None
     freeze: tuple[str, ...] = ()
     loss_scale: str = "none"
+    lr_groups: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -78,6 +84,14 @@ class OptimizerConfig:
             raise ConfigError(f"optimizer.ema_decay={self.ema_decay}: must be in [0, 1)")
         if isinstance(self.freeze, str | list):
             object.__setattr__(self, "freeze", (self.freeze,) if isinstance(self.freeze, str) else tuple(self.freeze))
+        object.__setattr__(self, "lr_groups", tuple((str(p), float(lr)) for p, lr in self.lr_groups))
+        for pattern, lr in self.lr_groups:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"optimizer.lr_groups: {pattern!r} is not a valid regular expression ({e})") from e
+            if lr < 0:
+                raise ConfigError(f"optimizer.lr_groups: learning rate {lr} for {pattern!r} must be >= 0")
 
     @classmethod
     def from_train_section(cls, train: Any, freeze: tuple[str, ...] | None = None) -> OptimizerConfig:
@@ -109,9 +123,12 @@ class Optimizer:
     config: OptimizerConfig
 
 
-def make_schedule(config: OptimizerConfig) -> optax.Schedule:
-    """The learning rate as a function of the step (a jnp scalar in, a jnp scalar out)."""
-    lr, warmup = config.learning_rate, config.warmup_steps
+def make_schedule(config: OptimizerConfig, peak: float | None = None) -> optax.Schedule:
+    """The learning rate as a function of the step (a jnp scalar in, a jnp scalar out).
+
+    `peak` replaces `config.learning_rate` (for `lr_groups`)."""
+    lr = config.learning_rate if peak is None else peak
+    warmup = config.warmup_steps
     if config.schedule == "constant":
         return optax.constant_schedule(lr)
     if config.schedule == "constant_with_warmup":
@@ -139,29 +156,52 @@ def decay_mask(params: PyTree) -> PyTree:
     return jax.tree_util.tree_map_with_path(one, params)
 
 
+def _update_rule(config: OptimizerConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """The optimizer proper (after clipping), with weight decay masked to kernels and embeddings."""
+    if config.name == "adamw":
+        return optax.adamw(
+            schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask
+        )
+    if config.name == "adafactor":
+        return optax.adafactor(
+            schedule,
+            clipping_threshold=None,  # the chain clips by global norm already
+            weight_decay_rate=config.weight_decay or None,
+            weight_decay_mask=decay_mask,
+        )
+    sgd = optax.sgd(schedule, momentum=config.momentum or None)
+    return (
+        optax.chain(optax.add_decayed_weights(config.weight_decay, mask=decay_mask), sgd)
+        if config.weight_decay
+        else sgd
+    )
+
+
+def lr_group_labels(params: PyTree, lr_groups: tuple[tuple[str, float], ...]) -> PyTree:
+    """Each leaf's group label: `"group_{i}"` for the first matching `lr_groups` regex, else "default"."""
+    patterns = [re.compile(p) for p, _ in lr_groups]
+    flat = traverse_util.flatten_dict(params, sep="/")
+    labels = {}
+    for path in flat:
+        labels[path] = next((f"group_{i}" for i, p in enumerate(patterns) if p.search(path)), "default")
+    return traverse_util.unflatten_dict(labels, sep="/")
+
+
 def make_optimizer(config: OptimizerConfig) -> Optimizer:
-    """The Optax chain for `config` (apply it to the *trainable* params only)."""
+    """The Optax chain for `config` (apply it to the *trainable* params only).
+
+    Clipping is global over all trainable params; with `lr_groups` the update rule is an
+    `optax.multi_transform` with one copy of the rule per group (same schedule shape, own peak).
+    """
     schedule = make_schedule(config)
     parts: list[optax.GradientTransformation] = []
     if config.clip_norm:
         parts.append(optax.clip_by_global_norm(config.clip_norm))
-    if config.name == "adamw":
-        parts.append(
-            optax.adamw(
-                schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask
-            )
-        )
-    elif config.name == "adafactor":
-        parts.append(
-            optax.adafactor(
-                schedule,
-                clipping_threshold=None,  # the chain clips by global norm already
-                weight_decay_rate=config.weight_decay or None,
-                weight_decay_mask=decay_mask,
-            )
-        )
+    if config.lr_groups:
+        rules = {"default": _update_rule(config, schedule)}
+        for i, (_, lr) in enumerate(config.lr_groups):
+            rules[f"group_{i}"] = _update_rule(config, make_schedule(config, lr))
+        parts.append(optax.multi_transform(rules, lambda params: lr_group_labels(params, config.lr_groups)))
     else:
-        if config.weight_decay:
-            parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
-        parts.append(optax.sgd(schedule, momentum=config.momentum or None))
+        parts.append(_update_rule(config, schedule))
     return Optimizer(tx=optax.chain(*parts), schedule=schedule, config=config)

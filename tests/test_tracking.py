@@ -4,6 +4,7 @@ import io
 import json
 import struct
 import sys
+import time
 from dataclasses import dataclass
 
 import jax.numpy as jnp
@@ -143,3 +144,29 @@ def test_progress_bar_shows_rate_and_position(tmp_path, capsys):
         tracker.log_scalars(5, {"loss": 0.5})
     err = capsys.readouterr().err
     assert "5/10" in err and "step/s" in err
+
+
+def test_wandb_offline_run_records_scalars_images_and_resumes_the_same_run(tmp_path, monkeypatch):
+    """With `log.wandb=true` (offline: nothing leaves the machine) the run's scalars, images and
+    config reach W&B's own files under output_dir/wandb, and a resumed run reuses the run id."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
+    log = LogSection(tensorboard=False, wandb=True, wandb_mode="offline")
+    with Tracker(tmp_path, log, config=_Cfg(), progress=False, process_index=0) as tracker:
+        tracker.log_scalars(1, {"loss": 0.75})
+        tracker.log_scalars(2, {"loss": 0.5})
+        tracker.log_images(2, {"sample": np.zeros((4, 5, 3), np.uint8)})
+        first_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and first_id in runs[0].name
+    # The history records are protobufs holding each value as a JSON string in W&B's run file.
+    # W&B's core process writes the run file shortly after `finish()` returns: wait up to 20 s.
+    run_file, deadline = runs[0] / f"run-{first_id}.wandb", time.monotonic() + 20
+    while b"max_steps" not in run_file.read_bytes() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    record = run_file.read_bytes()
+    assert b"loss" in record and b"0.75" in record and b"max_steps" in record
+    assert list((runs[0] / "files" / "media" / "images").glob("sample_2_*.png"))
+    with Tracker(tmp_path, log, start_step=2, progress=False, process_index=0) as tracker:
+        tracker.log_scalars(3, {"loss": 0.25})
+    assert (tmp_path / "wandb_run_id.txt").read_text().strip() == first_id

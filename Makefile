@@ -19,9 +19,12 @@ $(VENV)/.core: $(BIN)/python pyproject.toml constraints.txt
 
 $(VENV)/.test: $(VENV)/.core
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[test]"
+	$(PIP) -e ".[test,onnx]"
 	# CLIP's real BPE vocabulary for the tokenizer tests ships in this wheel (no torch pulled in).
 	$(PIP) --no-deps open-clip-torch==3.3.0
+	# ONNX export: jax2onnx pins orbax-checkpoint<0.11.37 (we use 0.12) but needs none of it, nor its
+	# equinox/dm-pix/netron extras, to convert Flax models; what it does need is the onnx extra above.
+	$(PIP) --no-deps jax2onnx==0.17.1
 	touch $@
 
 demo: $(VENV)/.core

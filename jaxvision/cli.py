@@ -272,6 +272,65 @@ def plan(p: argparse.ArgumentParser) -> Runner:
     return run
 
 
+def quantize(p: argparse.ArgumentParser) -> Runner:
+    """int8 post-training quantization (qwix, per channel) of a model folder; prints the sizes."""
+    p.add_argument("--model", required=True, help="fp32 checkpoint folder (config.json + weights)")
+    p.add_argument("--out", required=True, help="folder to write (config.json, model.int8.safetensors, ...)")
+    p.add_argument("--mode", choices=["weight-only", "dynamic"], default="weight-only")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+    def run(args: argparse.Namespace) -> int:
+        from jaxvision.quantize import quantize_dir
+
+        report = quantize_dir(args.model, args.out, args.mode)
+        if args.json:
+            print(json.dumps(report))
+            return 0
+        print(
+            f"wrote {report['out']}: {args.mode} int8, {report['quantized_modules']} Dense layers "
+            f"({100 * report['int8_fraction']:.1f} % of the parameters)"
+        )
+        for where in ("disk", "memory"):
+            fp32, int8 = report[f"fp32_{where}_bytes"], report[f"int8_{where}_bytes"]
+            print(
+                f"  {where:<7} fp32 {fp32 / 2**20:10.2f} MiB  int8 {int8 / 2**20:10.2f} MiB  ({fp32 / int8:.2f}x smaller)"
+            )
+        return 0
+
+    return run
+
+
+def export_onnx(p: argparse.ArgumentParser) -> Runner:
+    """Export a ViT folder to ONNX (dynamic batch) and check it against onnxruntime; needs the onnx extra."""
+    from jaxvision.export.onnx import DEFAULT_OPSET
+
+    p.add_argument("--model", required=True, help="ViT checkpoint folder (config.json + weights)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], default="NCHW", help="pixel_values layout (default NCHW)")
+    p.add_argument("--no-check", action="store_true", help="skip running the file in onnxruntime")
+
+    def run(args: argparse.Namespace) -> int:
+        from jaxvision.export import onnx as onnx_export
+
+        path = onnx_export.export_onnx(args.model, args.out, opset=args.opset, layout=args.layout)
+        print(path)
+        if args.no_check:
+            return 0
+        checks = onnx_export.check_onnx(path, args.model)
+        for c in checks:
+            print(
+                f"  onnxruntime vs JAX, batch {c.batch_size}, {c.output}: max abs error {c.max_abs_error:.3g} "
+                f"(relative {c.relative_error:.3g}, tolerance {onnx_export.CHECK_TOLERANCE:g})"
+            )
+        if any(c.relative_error > onnx_export.CHECK_TOLERANCE for c in checks):
+            print("check FAILED: onnxruntime does not reproduce the JAX outputs", file=sys.stderr)
+            return 1
+        return 0
+
+    return run
+
+
 # name → command; add new commands here (generate, finetune, dreambooth, plan, quantize, export-onnx).
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Runner]] = {
     "classify": classify,
@@ -281,6 +340,8 @@ COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Runner]] = {
     "dreambooth": dreambooth,
     "finetune": finetune,
     "plan": plan,
+    "quantize": quantize,
+    "export-onnx": export_onnx,
 }
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxvision import quantize
 from jaxvision.errors import ConfigError, ImageDecodeError
 from jaxvision.image import Preprocessor, load_image
 from jaxvision.pretrained import from_pretrained
@@ -129,9 +130,13 @@ def resolve_model(
 
     A folder's preprocessor comes from its `preprocessor_config.json` (`Preprocessor.from_pretrained`);
     for a `(module, params)` pair the default is ViT's processor sized to `module.config.image_size`.
-    An explicit `preprocessor` wins in both cases.
+    An explicit `preprocessor` wins in both cases. A folder written by `jaxvision quantize` loads as int8.
     """
-    if isinstance(model, str | Path):
+    if isinstance(model, str | Path) and quantize.is_quantized_dir(model):
+        int8 = quantize.load_quantized(model)
+        module, params = int8.module, int8.params
+        preprocessor = preprocessor or Preprocessor.from_pretrained(model)
+    elif isinstance(model, str | Path):
         module, params = from_pretrained(model, allow_pickle=allow_pickle)
         preprocessor = preprocessor or Preprocessor.from_pretrained(model)
     else:

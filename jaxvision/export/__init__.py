@@ -1,0 +1,1 @@
+"""Exports of jaxvision models to other runtimes (ONNX: `jaxvision.export.onnx`)."""

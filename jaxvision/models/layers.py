@@ -16,7 +16,11 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
-AttentionImpl = Literal["xla", "cudnn", "reference"] | None
+AttentionImpl = Literal["xla", "cudnn", "reference", "chunked"] | None
+ATTENTION_IMPLS = ("xla", "cudnn", "reference", "chunked")
+# Query rows per block of the "chunked" implementation: SD's 4096-token self-attention at 512 px
+# becomes 4 blocks, so at most a quarter of its [heads, 4096, 4096] fp32 logits is ever live.
+ATTENTION_CHUNK = 1024
 
 # The logical axis vocabulary. A parameter axis is one of these or None (never sharded).
 EMBED = "embed"  # model width (residual stream / channel width)
@@ -218,6 +222,43 @@ def cudnn_unsupported(query: jax.Array, key: jax.Array, bias: jax.Array | None) 
     return None
 
 
+def chunked_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float | None = None,
+    chunk: int = ATTENTION_CHUNK,
+) -> jax.Array:
+    """Attention over blocks of `chunk` query rows, each block rematerialised in the backward pass.
+
+    Softmax is per query row, so the blocks are independent and the result is the same attention;
+    what changes is memory: `[batch, heads, chunk, kv_len]` logits instead of the full square, in
+    the forward and (through `jax.checkpoint`) the backward pass. This is diffusers' "attention
+    slicing" for backends without a fused kernel (CPU, or fp32 on GPU where cuDNN declines).
+
+    Args:
+      query: `[batch, q_len, heads, head_dim]`; key/value `[batch, kv_len, heads, head_dim]`.
+      scale: logit scale; default `head_dim ** -0.5`.
+      chunk: query rows per block; a `q_len` that is not a multiple is padded.
+    Returns:
+      `[batch, q_len, heads, head_dim]` in the query dtype.
+    """
+    b, q_len, h, d = query.shape
+    if q_len <= chunk:
+        return attention(query, key, value, scale=scale)
+    blocks = -(-q_len // chunk)
+    padded = jnp.pad(query, ((0, 0), (0, blocks * chunk - q_len), (0, 0), (0, 0)))
+    q_blocks = padded.reshape(b, blocks, chunk, h, d).swapaxes(0, 1)  # [blocks, b, chunk, h, d]
+
+    @jax.checkpoint
+    def one(q: jax.Array) -> jax.Array:
+        return attention(q, key, value, scale=scale)
+
+    out = jax.lax.map(one, q_blocks).swapaxes(0, 1).reshape(b, blocks * chunk, h, d)
+    return out[:, :q_len]
+
+
 def attention(
     query: jax.Array,
     key: jax.Array,
@@ -236,7 +277,8 @@ def attention(
       bias: additive bias broadcastable to `[batch, heads, q_len, kv_len]`.
       is_causal: apply a lower-triangular mask (CLIP's text tower).
       scale: logit scale; default `head_dim ** -0.5`.
-      implementation: None lets JAX choose, "xla", "cudnn" (GPU fused kernel, bf16/fp16), or
+      implementation: None lets JAX choose, "xla", "cudnn" (GPU fused kernel, bf16/fp16),
+        "chunked" (`chunked_attention`: bounded memory for long unmasked sequences), or
         "reference" for the plain einsum path.
       upcast: compute q·k and softmax in fp32 even for low-precision inputs (diffusers'
         `upcast_attention`, used by SD 2.1).
@@ -250,6 +292,10 @@ def attention(
         # One model mixes shapes cuDNN takes with ones it rejects (an odd-length biased
         # attention, an fp32 upcast): those calls use XLA's attention, the rest stay fused.
         implementation = "xla"
+    if implementation == "chunked" and bias is None and not is_causal:
+        return chunked_attention(query, key, value, scale=scale).astype(dtype)
+    if implementation == "chunked":
+        implementation = None  # masked attention (CLIP's 77 tokens) is small: no need to chunk
     if implementation == "reference" or (query.dtype == jnp.float16 and jax.default_backend() == "cpu"):
         # XLA:CPU has no fp16×fp16→fp32 dot, which `jax.nn.dot_product_attention` emits.
         out = reference_attention(query, key, value, bias=bias, is_causal=is_causal, scale=scale)

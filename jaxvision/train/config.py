@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf, SCMode
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxvision.errors import ConfigError
+from jaxvision.models import layers
 from jaxvision.models.layers import REMAT_POLICIES
 from jaxvision.train.mesh import MeshConfig
 
@@ -99,6 +100,9 @@ class ModelSection:
     def __post_init__(self):
         require(bool(self.path), "path", self.path, "give the local model directory")
         require(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"choose one of {', '.join(DTYPES)}")
+        impls = ", ".join(layers.ATTENTION_IMPLS)
+        ok = self.attention_impl is None or self.attention_impl in layers.ATTENTION_IMPLS
+        require(ok, "attention_impl", self.attention_impl, f"choose one of {impls}, or null (JAX chooses)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -32,6 +32,8 @@ import yaml
 from jaxvision.diffusion.ddpm import DDPMScheduler
 from jaxvision.diffusion.schedule import add_noise, get_velocity
 from jaxvision.errors import ConfigError
+from jaxvision.models.vae import DiagonalGaussian
+from jaxvision.train import lora as lora_lib
 from jaxvision.train.config import format_config, save_resolved, to_yaml
 from jaxvision.train.dreambooth_config import (  # noqa: F401 (re-exported: the trainer's schema and loader)
     PLAN_VARIANTS,
@@ -54,7 +56,7 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
 def dreambooth_loss(
     params: dict,
     latents: jax.Array,
-    input_ids: jax.Array,
+    input_ids: jax.Array | None,
     noise: jax.Array,
     timesteps: jax.Array,
     prior_mask: jax.Array,
@@ -65,6 +67,7 @@ def dreambooth_loss(
     prediction_type: str,
     prior_loss_weight: float,
     snr_gamma: float | None = None,
+    context: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The DreamBooth loss for given latents, noise and timesteps (the pure, testable core).
 
@@ -80,6 +83,8 @@ def dreambooth_loss(
       prediction_type: "epsilon" or "v_prediction".
       prior_loss_weight: weight of the class rows' MSE.
       snr_gamma: min-SNR-γ weighting of the instance rows' MSE, or None.
+      context: `[batch, tokens, hidden]` pre-computed text-encoder states of a frozen text encoder
+        (`data.cache_text_embeddings`); `input_ids` is then unused.
     Returns:
       `(loss, {"instance_loss", "prior_loss"})`, fp32 scalars: loss = mean MSE of the instance
       rows + `prior_loss_weight` × mean MSE of the class rows (each 0 when it has no rows).
@@ -88,7 +93,8 @@ def dreambooth_loss(
         raise ConfigError(f"prediction_type={prediction_type!r}: DreamBooth trains {', '.join(PREDICTION_TYPES)}")
     latents = latents.astype(jnp.float32)
     noise = noise.astype(jnp.float32)
-    context = text_encoder.apply({"params": params["text_encoder"]}, input_ids).last_hidden_state
+    if context is None:
+        context = text_encoder.apply({"params": params["text_encoder"]}, input_ids).last_hidden_state
     noisy = add_noise(alphas_cumprod, latents, noise, timesteps)
     pred = unet.apply({"params": params["unet"]}, noisy, timesteps, context).astype(jnp.float32)
     target = noise if prediction_type == "epsilon" else get_velocity(alphas_cumprod, latents, noise, timesteps)
@@ -120,7 +126,9 @@ def make_loss_fn(
     """`loss_fn(params, batch, rng)` for `make_train_step`: VAE-encodes `batch["pixel_values"]`,
     draws the posterior sample, noise (plus offset noise) and timesteps from `rng`, then
     `dreambooth_loss`. `params` is `{"unet", "text_encoder", "vae"}`; batch rows are
-    `pixel_values` `[B, H, W, 3]` in [-1, 1], `input_ids` `[B, tokens]`, `prior_mask` `[B]`."""
+    `pixel_values` `[B, H, W, 3]` in [-1, 1], `input_ids` `[B, tokens]`, `prior_mask` `[B]`; with the
+    caches of `dreambooth_cache`, `latent_moments` `[B, h, w, 2c]` replaces `pixel_values` and
+    `context` `[B, tokens, hidden]` replaces `input_ids`."""
     # The schedule is a 1000-float hyperparameter of the model, baked in like a constant.
     alphas_cumprod = np.asarray(alphas_cumprod, np.float32)
     num_train_timesteps = alphas_cumprod.shape[0]
@@ -128,7 +136,10 @@ def make_loss_fn(
 
     def loss_fn(params: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
         vae_key, noise_key, t_key, offset_key = jax.random.split(rng, 4)
-        posterior = vae.apply({"params": params["vae"]}, batch["pixel_values"], method="encode")
+        if "latent_moments" in batch:  # encoded once before training (data.cache_latents)
+            posterior = DiagonalGaussian.from_moments(batch["latent_moments"])
+        else:
+            posterior = vae.apply({"params": params["vae"]}, batch["pixel_values"], method="encode")
         latents = jax.lax.stop_gradient(posterior.sample(vae_key).astype(jnp.float32) * scaling_factor)
         noise = jax.random.normal(noise_key, latents.shape, jnp.float32)
         if train.offset_noise:
@@ -138,7 +149,7 @@ def make_loss_fn(
         return dreambooth_loss(
             params,
             latents,
-            batch["input_ids"],
+            batch.get("input_ids"),  # None with cached prompt states (then `context` is given)
             noise,
             timesteps,
             batch["prior_mask"],
@@ -148,6 +159,7 @@ def make_loss_fn(
             prediction_type=prediction_type,
             prior_loss_weight=train.prior_loss_weight,
             snr_gamma=train.snr_gamma,
+            context=batch.get("context"),
         )
 
     return loss_fn
@@ -157,12 +169,27 @@ def make_loss_fn(
 
 
 def optimizer_config(cfg: DreamBoothConfig) -> Any:
-    """The Optax chain's config: the train section, plus the frozen VAE (and text encoder)."""
+    """The Optax chain's config: the train section, plus the frozen VAE (and text encoder, and with
+    LoRA every base weight: only the adapters train)."""
     from jaxvision.train.optimizers import OptimizerConfig
 
     t = cfg.train
     freeze = (*t.freeze, r"^vae/") + (() if t.train_text_encoder else (r"^text_encoder/",))
-    return OptimizerConfig.from_train_section(t, freeze)
+    freeze += (lora_lib.FREEZE_BASE,) if t.lora.enabled else ()
+    config = OptimizerConfig.from_train_section(t, freeze)
+    if t.train_text_encoder and t.text_encoder_learning_rate is not None:
+        config = dataclasses.replace(config, lr_groups=((r"(^|/)text_encoder/", t.text_encoder_learning_rate),))
+    return config
+
+
+def add_adapters(cfg: DreamBoothConfig, params: dict, rng: jax.Array) -> dict:
+    """`params` plus fresh LoRA adapters (none when `train.lora.rank` is 0) for the trained networks."""
+    if not cfg.train.lora.enabled:
+        return params
+    from jaxvision.train.freeze import merge_params
+
+    networks = ("unet", "text_encoder") if cfg.train.train_text_encoder else ("unet",)
+    return merge_params(params, lora_lib.init_lora(params, cfg.train.lora, networks, jax.random.fold_in(rng, 1)))
 
 
 def rows_per_step(cfg: DreamBoothConfig) -> int:
@@ -170,13 +197,19 @@ def rows_per_step(cfg: DreamBoothConfig) -> int:
     return cfg.train.batch_size * (2 if cfg.prior_preservation else 1)
 
 
-def _batch_spec(cfg: DreamBoothConfig, tokens: int) -> dict[str, jax.ShapeDtypeStruct]:
-    n, r = rows_per_step(cfg), cfg.data.resolution
-    return {
-        "pixel_values": jax.ShapeDtypeStruct((n, r, r, 3), jnp.float32),
-        "input_ids": jax.ShapeDtypeStruct((n, tokens), jnp.int32),
-        "prior_mask": jax.ShapeDtypeStruct((n,), jnp.float32),
-    }
+def _batch_spec(cfg: DreamBoothConfig, text_config: Any, vae_config: Any) -> dict[str, jax.ShapeDtypeStruct]:
+    n, r, tokens = rows_per_step(cfg), cfg.data.resolution, text_config.max_position_embeddings
+    spec = {"prior_mask": jax.ShapeDtypeStruct((n,), jnp.float32)}
+    if cfg.data.cache_latents:
+        h = r // 2 ** (len(vae_config.block_out_channels) - 1)
+        spec["latent_moments"] = jax.ShapeDtypeStruct((n, h, h, 2 * vae_config.latent_channels), jnp.float32)
+    else:
+        spec["pixel_values"] = jax.ShapeDtypeStruct((n, r, r, 3), jnp.float32)
+    if cfg.data.cache_text_embeddings:
+        spec["context"] = jax.ShapeDtypeStruct((n, tokens, text_config.hidden_size), jnp.float32)
+    else:
+        spec["input_ids"] = jax.ShapeDtypeStruct((n, tokens), jnp.int32)
+    return spec
 
 
 def _compile_step(cfg: DreamBoothConfig, mesh: Any, unet: Any, text_encoder: Any, vae: Any, scheduler_config: dict):
@@ -201,17 +234,20 @@ def _compile_step(cfg: DreamBoothConfig, mesh: Any, unet: Any, text_encoder: Any
     def init_fn(rng: jax.Array) -> dict:
         # Only ever traced shape-only (for logical axis names and shapes); the weights are loaded.
         k1, k2, k3 = jax.random.split(rng, 3)
-        return {
+        params = {
             "unet": unet.init(k1, *zeros(unet_lib.example_inputs(unet.config)))["params"],
             "text_encoder": text_encoder.init(k2, *zeros(clip_lib.example_inputs(text_encoder.config)))["params"],
             "vae": vae.init(k3, *zeros(vae_lib.example_inputs(vae.config)))["params"],
         }
+        return add_adapters(cfg, params, rng)
 
     optimizer = make_optimizer(optimizer_config(cfg))
     rng = jax.random.PRNGKey(cfg.train.seed)
     abstract_state, abstract_frozen = abstract_train_state(init_fn, optimizer, rng, mesh)
     loss_fn = make_loss_fn(unet, text_encoder, vae, ddpm.train_state(), ddpm.prediction_type, cfg.train)
-    spec = _batch_spec(cfg, text_encoder.config.max_position_embeddings)
+    # With LoRA the adapted kernels are merged inside the step (a no-op without adapters).
+    loss_fn = lora_lib.lora_loss(loss_fn, cfg.train.lora.scale)
+    spec = _batch_spec(cfg, text_encoder.config, vae.config)
     step = make_train_step(loss_fn, optimizer, mesh, abstract_state, abstract_frozen, spec, has_aux=True)
     return init_fn, optimizer, rng, step
 
@@ -330,6 +366,7 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
     from jaxvision.diffusion.components import load_components, save_components
     from jaxvision.diffusion.pipeline import StableDiffusionPipeline
     from jaxvision.tokenizer import tokenize
+    from jaxvision.train import dreambooth_cache as cache_lib
     from jaxvision.train import dreambooth_data as data_lib
     from jaxvision.train import sharding as sharding_lib
     from jaxvision.train.checkpoints import CheckpointConfig, Checkpointer
@@ -393,14 +430,23 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
     log(f"instance images: {len(instance_set)} from {d.instance_dir}; prompt {d.instance_prompt!r}")
     b = cfg.train.batch_size
     ids = tokenize(comps.tokenizer, [d.instance_prompt] + ([d.class_prompt] if cfg.prior_preservation else []))
-    input_ids = np.repeat(ids, b, axis=0)
-    prior_mask = np.repeat(np.arange(len(ids), dtype=np.float32), b)
+    # Rows: b instance rows (stream 0), then b class rows (stream 1); prompts repeat per row.
+    sources: list[Any] = [instance_set] + ([class_set] if class_set is not None else [])
+    static = {"prior_mask": np.repeat(np.arange(len(ids), dtype=np.float32), b)}
+    if d.cache_text_embeddings:
+        static["context"] = np.repeat(cache_lib.text_embeddings(text_encoder, comps.text_encoder_params, ids), b, 0)
+    else:
+        static["input_ids"] = np.repeat(ids, b, axis=0)
+    image_key = "pixel_values"
+    if d.cache_latents:
+        encode = cache_lib.vae_moments_fn(vae, comps.vae_params)
+        sources = [cache_lib.LatentCache(images, encode, d.class_batch_size) for images in sources]
+        image_key = "latent_moments"
+        log(f"cached VAE latents: {sum(c.nbytes for c in sources) / 1e6:.1f} MB")
 
     def global_batch(step: int) -> dict[str, np.ndarray]:
-        pixels = instance_set.batch(cfg.train.seed, step, b)
-        if class_set is not None:
-            pixels = np.concatenate([pixels, class_set.batch(cfg.train.seed, step, b, stream=1)])
-        return {"pixel_values": pixels, "input_ids": input_ids, "prior_mask": prior_mask}
+        rows = [source.batch(cfg.train.seed, step, b, stream=i) for i, source in enumerate(sources)]
+        return {image_key: np.concatenate(rows), **static}
 
     def local_batch(step: int) -> dict[str, np.ndarray]:
         rows = rows_per_step(cfg) // jax.process_count()
@@ -413,13 +459,17 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
     init_fn, optimizer, rng, step_fn = _compile_step(cfg, mesh, unet, text_encoder, vae, comps.scheduler_config)
     log(f"compiled in {time.perf_counter() - t0:.1f} s")
     base = {"unet": comps.unet_params, "text_encoder": comps.text_encoder_params, "vae": comps.vae_params}
+    base = add_adapters(cfg, base, rng)
 
     # ---- restore --------------------------------------------------------------------------
     ckpt = Checkpointer(
         out / "checkpoints",
         CheckpointConfig(cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save),
         run_config=yaml.safe_load(to_yaml(cfg)),
-        frozen_sources={name: str(Path(cfg.model.path) / name) for name in ("vae", "text_encoder")},
+        frozen_sources={
+            name: str(Path(cfg.model.path) / name)
+            for name in ("vae", "text_encoder") + (("unet",) if cfg.train.lora.enabled else ())
+        },
     )
     restored = ckpt.restore(step_fn.abstract_state)
     if restored is None:
@@ -441,7 +491,7 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
     def validate(step: int, tracker: Tracker) -> None:
         if not cfg.validation.prompts:
             return
-        p = merge_params(state.params, frozen)
+        p = lora_lib.merge_lora(merge_params(state.params, frozen), cfg.train.lora.scale)
         pipe.params = _replicated_params(
             {"unet": p["unet"], "text_encoder": p["text_encoder"], "vae": p["vae"]}, pipe_mesh
         )
@@ -479,21 +529,32 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
     final_step = int(state.step)
 
     # ---- export ---------------------------------------------------------------------------
-    export = out / "export"
-    trained = _host_params(merge_params(state.params, frozen))
-    if jax.process_index() == 0:
-        save_components(
-            dataclasses.replace(
-                comps,
-                unet_params=trained["unet"],
-                text_encoder_params=trained["text_encoder"],
-                vae_params=trained["vae"],
-            ),
-            export,
-        )
+    lora = cfg.train.lora
+    export = out / "export" if not lora.enabled or lora.export_merged else None
+    lora_file = None
+    if lora.enabled:
+        adapters = _host_params(state.params)  # the trainable params are the adapters
+        lora_file = out / lora_lib.LORA_WEIGHTS_NAME
+        if jax.process_index() == 0:
+            lora_lib.save_lora_weights(
+                adapters, lora, unet_config=unet.config, text_encoder_config=text_encoder.config, directory=out
+            )
+    if export is not None:
+        trained = _host_params(lora_lib.merge_lora(merge_params(state.params, frozen), lora.scale))
+        if jax.process_index() == 0:
+            save_components(
+                dataclasses.replace(
+                    comps,
+                    unet_params=trained["unet"],
+                    text_encoder_params=trained["text_encoder"],
+                    vae_params=trained["vae"],
+                ),
+                export,
+            )
     summary = {
         "output_dir": str(out),
-        "export": str(export),
+        "export": None if export is None else str(export),
+        "lora_weights": None if lora_file is None else str(lora_file),
         "samples": str(samples),
         "checkpoints": str(out / "checkpoints"),
         "tensorboard": str(out / TENSORBOARD_DIRNAME),
@@ -501,9 +562,11 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
         "final_loss": last_loss,
         "class_images_generated": len(generated),
     }
+    exported = f"  LoRA weights              {lora_file}\n" if lora_file is not None else ""
+    exported += f"  exported diffusers model  {export}\n" if export is not None else ""
     log(
         "DreamBooth run finished:\n"
-        f"  exported diffusers model  {export}\n"
+        f"{exported}"
         f"  validation samples        {samples}\n"
         f"  TensorBoard logs          {out / TENSORBOARD_DIRNAME}   (tensorboard --logdir {out / TENSORBOARD_DIRNAME})\n"
         f"  checkpoints               {out / 'checkpoints'}\n"

@@ -19,6 +19,7 @@ from jaxvision.train.config import (
     load_config,
     require,
 )
+from jaxvision.train.lora import LoraConfig
 
 # Shape-only model variants for `plan` when model.path holds no config files:
 # name → (UNet variant, CLIP text variant, VAE variant, prediction_type).
@@ -62,6 +63,10 @@ class DataSection:
       class_seed: file `class_{i:05d}.png` is generated with seed `class_seed + i`.
       class_scheduler: sampler for class images (null: the checkpoint's).
       class_inference_steps, class_guidance_scale, class_batch_size: class-image sampling.
+      cache_latents: VAE-encode every image (both orientations with `random_flip`) once before
+        training instead of every step; needs `center_crop` (see `dreambooth_cache`).
+      cache_text_embeddings: run the frozen text encoder once on the two prompts; needs
+        `train.train_text_encoder=false`.
     """
 
     instance_dir: str
@@ -78,6 +83,8 @@ class DataSection:
     class_inference_steps: int = 50
     class_guidance_scale: float = 7.5
     class_batch_size: int = 4
+    cache_latents: bool = False
+    cache_text_embeddings: bool = False
 
     def __post_init__(self):
         require(bool(self.instance_dir), "instance_dir", self.instance_dir, "give the folder of instance photos")
@@ -87,6 +94,8 @@ class DataSection:
         require(self.min_instance_images >= 1, "min_instance_images", self.min_instance_images, "must be >= 1")
         require(self.class_inference_steps >= 1, "class_inference_steps", self.class_inference_steps, "must be >= 1")
         require(self.class_batch_size >= 1, "class_batch_size", self.class_batch_size, "must be >= 1")
+        ok = self.center_crop or not self.cache_latents
+        require(ok, "cache_latents", self.cache_latents, "random crops change every step: set center_crop=true")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,18 +105,25 @@ class DreamBoothTrainSection(TrainSection):
     Attributes:
       prior_loss_weight: weight of the class-image MSE; 0 turns prior preservation off.
       train_text_encoder: train the CLIP text encoder too (else it is frozen).
+      text_encoder_learning_rate: the text encoder's peak learning rate (null: `learning_rate`);
+        it follows the same schedule shape.
       offset_noise: add `offset_noise * N(0, 1)` per sample and channel to the noise (0: off).
       snr_gamma: min-SNR-γ weighting of the instance loss (Hang et al., 2023); null: off.
+      lora: low-rank adapters instead of full fine-tuning (`lora.rank` > 0; see `jaxvision.train.lora`).
     """
 
     prior_loss_weight: float = 1.0
     train_text_encoder: bool = False
+    text_encoder_learning_rate: float | None = None
     offset_noise: float = 0.0
     snr_gamma: float | None = None
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)
 
     def __post_init__(self):
         super().__post_init__()
         require(self.prior_loss_weight >= 0, "prior_loss_weight", self.prior_loss_weight, "must be >= 0")
+        te_lr = self.text_encoder_learning_rate
+        require(te_lr is None or te_lr >= 0, "text_encoder_learning_rate", te_lr, "must be >= 0, or null")
         require(self.offset_noise >= 0, "offset_noise", self.offset_noise, "must be >= 0")
         require(self.snr_gamma is None or self.snr_gamma > 0, "snr_gamma", self.snr_gamma, "must be > 0, or null")
 
@@ -154,6 +170,12 @@ class DreamBoothConfig:
                         f"data.{key} is required with prior preservation (train.prior_loss_weight="
                         f"{self.train.prior_loss_weight}); set it, or set train.prior_loss_weight=0"
                     )
+
+        if self.data.cache_text_embeddings and self.train.train_text_encoder:
+            raise ConfigError(
+                "data.cache_text_embeddings=true needs a frozen text encoder, but train.train_text_encoder=true; "
+                "set one of them to false"
+            )
 
     @property
     def prior_preservation(self) -> bool:

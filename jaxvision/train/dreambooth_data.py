@@ -96,7 +96,7 @@ def load_folder(
     return images, paths
 
 
-def _crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
+def crop(image: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
     """A `size`×`size` crop, centered or (with `rng`) at a random offset."""
     h, w = image.shape[:2]
     if rng is None:
@@ -146,15 +146,18 @@ class ImageSet:
             out[mask] = perm[positions[mask] % n]
         return out
 
-    def batch(self, seed: int, step: int, count: int, stream: int = 0) -> np.ndarray:
-        """`[count, size, size, 3]` float32 in [-1, 1] for step `step` (0-based)."""
+    def draws(self, seed: int, step: int, count: int, stream: int = 0) -> list[tuple[int, np.ndarray, bool]]:
+        """Step `step`'s rows as `(image index, cropped uint8 image, flipped?)`, before flipping."""
         rng = np.random.default_rng([seed, step, _DATA_STREAM, stream + 1])
         rows = []
         for index in self.indices(seed + stream, step, count):
-            image = _crop(self.images[index], self.size, rng if self.random_crop else None)
-            if self.random_flip and rng.random() < 0.5:
-                image = image[:, ::-1]
-            rows.append(image)
+            image = crop(self.images[index], self.size, rng if self.random_crop else None)
+            rows.append((int(index), image, bool(self.random_flip and rng.random() < 0.5)))
+        return rows
+
+    def batch(self, seed: int, step: int, count: int, stream: int = 0) -> np.ndarray:
+        """`[count, size, size, 3]` float32 in [-1, 1] for step `step` (0-based)."""
+        rows = [image[:, ::-1] if flip else image for _, image, flip in self.draws(seed, step, count, stream)]
         return to_model_range(np.stack(rows))
 
 

@@ -349,6 +349,25 @@ def test_frozen_networks_stay_bit_identical(runs):
     assert not _equal(_params(trained / "text_encoder"), base["text_encoder"])
 
 
+@pytest.mark.parametrize("train_te", [False, True])
+def test_export_trained_only_writes_just_the_trained_networks(tiny, tmp_path, train_te):
+    """`train.export_trained_only` writes only `unet/` (and `text_encoder/` when it trains), each a
+    diffusers/transformers folder that the torch classes load with the exported weights."""
+    from jaxvision.diffusion.components import load_components
+
+    model, _ = tiny
+    comps = load_components(model)
+    params = {"unet": comps.unet_params, "text_encoder": comps.text_encoder_params, "vae": comps.vae_params}
+    overrides = [f"model.path={model}", "train.export_trained_only=true", f"train.train_text_encoder={train_te}"]
+    cfg = db.load(str(ROOT / "configs" / "dreambooth" / "tiny.yaml"), overrides)
+    out = db.export_model(cfg, comps, params, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == (["text_encoder", "unet"] if train_te else ["unet"])
+    unet = diffusers.UNet2DConditionModel.from_pretrained(out / "unet")
+    ref = diffusers.UNet2DConditionModel.from_pretrained(model / "unet")
+    for (name, a), (_, b) in zip(unet.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
 # ----------------------------------------------------------------------------- plan and data
 
 

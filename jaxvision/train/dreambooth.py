@@ -192,6 +192,30 @@ def add_adapters(cfg: DreamBoothConfig, params: dict, rng: jax.Array) -> dict:
     return merge_params(params, lora_lib.init_lora(params, cfg.train.lora, networks, jax.random.fold_in(rng, 1)))
 
 
+def export_model(cfg: DreamBoothConfig, comps: Any, params: dict, directory: Path) -> Path:
+    """Writes the trained model to `directory` in diffusers layout.
+
+    The whole pipeline (`model_index.json` and every component) by default; with
+    `train.export_trained_only` only the networks that trained (`unet/`, and `text_encoder/` when
+    `train.train_text_encoder`): the rest is the base model's, unchanged, so a user swaps them into
+    the base pipeline (`UNet2DConditionModel.from_pretrained(directory / "unet")`).
+
+    Args:
+      params: `{"unet", "text_encoder", "vae"}` host params (adapters already merged).
+    """
+    from jaxvision.diffusion.components import save_components
+    from jaxvision.pretrained import save_pretrained
+
+    if not cfg.train.export_trained_only:
+        trained = dict(unet_params=params["unet"], text_encoder_params=params["text_encoder"])
+        return save_components(dataclasses.replace(comps, **trained, vae_params=params["vae"]), directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_pretrained(comps.unet, params["unet"], directory / "unet")
+    if cfg.train.train_text_encoder:
+        save_pretrained(comps.text_encoder, params["text_encoder"], directory / "text_encoder")
+    return directory
+
+
 def rows_per_step(cfg: DreamBoothConfig) -> int:
     """Rows of one global batch: the instance images, and as many class images with prior preservation."""
     return cfg.train.batch_size * (2 if cfg.prior_preservation else 1)
@@ -363,7 +387,7 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
       A summary: `output_dir`, `export`, `samples`, `checkpoints`, `tensorboard`, `steps`
       (the final step), `final_loss` (None if no step ran), `class_images_generated`.
     """
-    from jaxvision.diffusion.components import load_components, save_components
+    from jaxvision.diffusion.components import load_components
     from jaxvision.diffusion.pipeline import StableDiffusionPipeline
     from jaxvision.tokenizer import tokenize
     from jaxvision.train import dreambooth_cache as cache_lib
@@ -542,15 +566,7 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
     if export is not None:
         trained = _host_params(lora_lib.merge_lora(merge_params(state.params, frozen), lora.scale))
         if jax.process_index() == 0:
-            save_components(
-                dataclasses.replace(
-                    comps,
-                    unet_params=trained["unet"],
-                    text_encoder_params=trained["text_encoder"],
-                    vae_params=trained["vae"],
-                ),
-                export,
-            )
+            export_model(cfg, comps, trained, export)
     summary = {
         "output_dir": str(out),
         "export": None if export is None else str(export),

@@ -1,36 +1,35 @@
-"""Stable Diffusion sampling: seconds per image, jaxvision vs diffusers (PyTorch), same weights.
+"""Stable Diffusion sampling, text to image: seconds per image and per denoising step.
 
-    python -m benchmarks.sampling                       # full SD 1.5 config, 256 px, 10 DDIM steps
-    python -m benchmarks.sampling --tiny --steps 5      # the test-size model, a quick smoke run
-
-Random weights (the full SD 1.5 UNet / VAE / CLIP-L configs) are written once by diffusers'
-`save_pretrained` and loaded by both libraries. Both start from the same latents, with CFG
-(guidance 7.5). jaxvision's compile time is reported separately from its steady-state time;
-torch's first call is a warm-up. Nothing here is asserted: it is a measurement.
+jaxvision's `StableDiffusionPipeline` (the whole loop — text encoding, CFG, DDIM, VAE decode — is
+one `jax.jit`) against diffusers' `StableDiffusionPipeline` (PyTorch), same weights, same start
+latents, guidance 7.5. `p`: `checkpoint` (a diffusers SD folder), `resolution`, `steps`, `batch`,
+`gpu`, `dtype`, `warmup`, `iters`. The per-step figure is the per-image time over the step count,
+so it includes the (once per image) text encoding and VAE decode.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import sys
-import tempfile
-import time
 from pathlib import Path
+from typing import Any
 
-import numpy as np
+from benchmarks.timing import log, lowered_gflop, row, time_calls, timed, torch_device
+
+WORKLOAD = "sd15_sampling"
 
 
-def _sd15_pipeline(directory: Path, tiny: bool):
+def write_sd15(directory: Path) -> None:
+    """Writes SD 1.5's UNet / VAE / CLIP ViT-L/14 text encoder configs with random weights
+    (diffusers' and transformers' `save_pretrained`, safetensors) and a test tokenizer."""
     import diffusers
     import torch
     import transformers
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from fixtures.clip_tokenizer import write_clip_tokenizer
-    from fixtures.tiny_sd import SD15_SCHEDULER, write_tiny_sd
+    from fixtures.tiny_sd import SD15_SCHEDULER
 
-    if tiny:
-        return write_tiny_sd(directory)
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
         sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280)
@@ -68,70 +67,109 @@ def _sd15_pipeline(directory: Path, tiny: bool):
         requires_safety_checker=False,
     )
     pipe.save_pretrained(directory, safe_serialization=True)
-    return diffusers.StableDiffusionPipeline.from_pretrained(directory)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    import diffusers
-    import jax
-    import torch
+def _inputs(p: dict, vae_scale_factor: int) -> tuple[dict, Any]:
+    import numpy as np
 
-    from jaxvision.diffusion.pipeline import StableDiffusionPipeline
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="the tiny test model instead of the SD 1.5 config")
-    p.add_argument("--resolution", type=int, default=256)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch", type=int, default=1)
-    args = p.parse_args(argv)
-    res = 16 if args.tiny else args.resolution
-    with tempfile.TemporaryDirectory() as tmp:
-        reference = _sd15_pipeline(Path(tmp), args.tiny)
-        reference.set_progress_bar_config(disable=True)
-        reference.scheduler = diffusers.DDIMScheduler.from_config(reference.scheduler.config)
-        ours = StableDiffusionPipeline.from_pretrained(tmp)
-    latent = res // ours.components.vae_scale_factor
-    latents = np.random.default_rng(0).standard_normal((args.batch, latent, latent, 4)).astype(np.float32)
+    side = p["resolution"] // vae_scale_factor
+    latents = np.random.default_rng(0).standard_normal((p["batch"], side, side, 4)).astype(np.float32)
     kw = dict(
-        prompt=["a photo of an astronaut"] * args.batch,
-        num_inference_steps=args.steps,
+        prompt=["a photo of an astronaut riding a horse"] * p["batch"],
+        num_inference_steps=p["steps"],
         guidance_scale=7.5,
-        height=res,
-        width=res,
+        height=p["resolution"],
+        width=p["resolution"],
         output_type="np",
     )
+    return kw, latents
 
-    t0 = time.perf_counter()
-    ours(**kw, latents=latents, scheduler="ddim")
-    first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    ours(**kw, latents=latents, scheduler="ddim")
-    jax_s = time.perf_counter() - t0
 
-    torch.set_num_threads(torch.get_num_threads())
-    tl = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy())
-    with torch.inference_mode():
-        reference(**kw, latents=tl)
-        t0 = time.perf_counter()
-        reference(**kw, latents=tl)
-        torch_s = time.perf_counter() - t0
-    row = dict(
-        model="tiny" if args.tiny else "sd15",
-        resolution=res,
-        steps=args.steps,
-        batch=args.batch,
-        jax_s_per_image=jax_s / args.batch,
-        torch_s_per_image=torch_s / args.batch,
-        jax_compile_s=first - jax_s,
-        ratio=torch_s / jax_s,
-        platform=jax.devices()[0].platform,
+def _setting(p: dict) -> str:
+    return f"{p['resolution']} px, {p['steps']} DDIM steps, batch {p['batch']}, {p['dtype']}"
+
+
+def _row(p: dict, impl: str, t: Any, compile_s: float, gflop: float | None) -> dict[str, Any]:
+    return row(
+        WORKLOAD,
+        _setting(p),
+        impl,
+        t,
+        per_call=p["batch"],
+        unit="image",
+        compile_s=compile_s,
+        gflop=gflop,
+        s_per_step=t.median_s / p["batch"] / p["steps"],
     )
-    print(f"SD sampling ({row['model']}, {res}px, {args.steps} DDIM steps, CFG, batch {args.batch}, {row['platform']})")
-    print(f"  jaxvision: {row['jax_s_per_image']:.2f} s/image (compile {row['jax_compile_s']:.1f} s, once)")
-    print(f"  diffusers: {row['torch_s_per_image']:.2f} s/image")
-    print(f"  speed-up : {row['ratio']:.2f}x")
-    return row
 
 
-if __name__ == "__main__":
-    main()
+def sampling_jax(p: dict) -> list[dict[str, Any]]:
+    """jaxvision: the jitted sampler; its first call compiles (reported as compile_s)."""
+    import jax.numpy as jnp
+
+    from jaxvision.diffusion.components import load_components
+    from jaxvision.diffusion.pipeline import StableDiffusionPipeline
+
+    dtype = jnp.dtype(p["dtype"])
+    # Weights stored in the compute dtype, as diffusers' `torch_dtype=` does.
+    comps = load_components(p["checkpoint"], dtype=dtype, param_dtype=dtype)
+    if p.get("attention_impl"):
+        comps = dataclasses.replace(comps, unet=comps.unet.clone(attention_impl=p["attention_impl"]))
+    pipe = StableDiffusionPipeline(comps)
+    kw, latents = _inputs(p, pipe.components.vae_scale_factor)
+
+    def call() -> None:
+        pipe(**kw, latents=latents, scheduler="ddim")  # returns host numpy: synchronised
+
+    _, first_s = timed(call)
+    t = time_calls(call, warmup=max(0, p["warmup"] - 1), iters=p["iters"])
+    log(f"sampling: first call {first_s:.1f} s, then {t.median_s:.1f} s")
+    return [_row(p, "jaxvision", t, first_s - t.median_s, _gflop(pipe, latents.shape, p["steps"], dtype))]
+
+
+def _gflop(pipe: Any, shape: tuple[int, ...], steps: int, dtype: Any) -> float | None:
+    """GFLOP of one sampling call: `steps` CFG UNet passes (batch 2 × images), one VAE decode and
+    the text encoder on both prompts, from XLA's cost analysis of each lowered piece."""
+    import jax
+    import jax.numpy as jnp
+
+    c, params = pipe.components, pipe.params
+    b, sds = shape[0], jax.ShapeDtypeStruct
+    tokens = c.text_encoder.config.max_position_embeddings
+    unet = lowered_gflop(
+        lambda p, x, t, ctx: c.unet.apply({"params": p}, x, t, ctx),
+        params["unet"],
+        sds((2 * b, *shape[1:]), dtype),
+        sds((2 * b,), jnp.int32),
+        sds((2 * b, tokens, c.unet.config.context_width), dtype),
+    )
+    vae = lowered_gflop(lambda p, z: c.vae.apply({"params": p}, z, method="decode"), params["vae"], sds(shape, dtype))
+    text = lowered_gflop(
+        lambda p, ids: c.text_encoder.apply({"params": p}, ids).last_hidden_state,
+        params["text_encoder"],
+        sds((2 * b, tokens), jnp.int32),
+    )
+    return steps * unet + vae + text if unet and vae and text else None
+
+
+def sampling_torch(p: dict) -> list[dict[str, Any]]:
+    """diffusers' `StableDiffusionPipeline` with `DDIMScheduler`, under `torch.inference_mode`."""
+    import diffusers
+    import torch
+
+    device, sync = torch_device(p["gpu"])
+    dtype = getattr(torch, p["dtype"])
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(p["checkpoint"], torch_dtype=dtype).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    kw, latents = _inputs(p, pipe.vae_scale_factor)
+    tl = torch.from_numpy(latents.transpose(0, 3, 1, 2).copy()).to(device, dtype)
+
+    def call() -> None:
+        with torch.inference_mode():
+            pipe(**kw, latents=tl)
+        sync()
+
+    _, first_s = timed(call)
+    t = time_calls(call, warmup=max(0, p["warmup"] - 1), iters=p["iters"])
+    return [_row(p, "torch", t, first_s - t.median_s, p.get("gflop"))]

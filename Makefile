@@ -19,7 +19,7 @@ $(VENV)/.core: $(BIN)/python pyproject.toml constraints.txt
 
 $(VENV)/.test: $(VENV)/.core
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[test,onnx]"
+	$(PIP) -e ".[test,onnx,data]"
 	# CLIP's real BPE vocabulary for the tokenizer tests ships in this wheel (no torch pulled in).
 	$(PIP) --no-deps open-clip-torch==3.3.0
 	# ONNX export: jax2onnx pins orbax-checkpoint<0.11.37 (we use 0.12) but needs none of it, nor its
@@ -31,7 +31,7 @@ demo: $(VENV)/.core
 	# The main job: DreamBooth on the embedded tiny default (a RANDOM-weight SD model written locally,
 	# subject photos from jaxvision/assets): class images, training, validation grids, checkpoints, export.
 	$(BIN)/python -m jaxvision dreambooth --config configs/dreambooth/tiny.yaml --init-demo
-	# ViT: a small model trained here on scikit-learn's digits (97.8 % held-out top-1) classifies real digits.
+	# ViT: a small model trained here on scikit-learn's digits (97.8 % top-1 on its test split) classifies real digits.
 	$(BIN)/python -m jaxvision classify --model jaxvision/assets/digits-vit jaxvision/assets/digits/*.png --top-k 3
 	$(BIN)/python -m jaxvision embed --model jaxvision/assets/digits-vit jaxvision/assets/digits/*.png \
 		--normalize --out build/demo-embeddings.npy

@@ -3,19 +3,27 @@
     jaxvision finetune --config configs/vit/digits.yaml
     jaxvision finetune --config configs/vit/l16_384.yaml model.path=/ckpt/vit-large-patch16-384 \\
         data.train_dir=data/train data.eval_dir=data/val output_dir=runs/l16
+    jaxvision finetune --config configs/vit/tfds.yaml model.path=/ckpt/vit-base-patch16-224 \\
+        data.tfds_name=beans data.data_dir=~/tensorflow_datasets
 
 `run(config)` reads top to bottom in phases — mesh, data, model, shard, step, restore, loop,
 export — built on the training core (`jaxvision.train.*`). It writes the run directory of the
 DESIGN "Run contract": `config.yaml`, `metrics.jsonl`, `tensorboard/`, `checkpoints/` (Orbax) and
 `export/`, a transformers `ViTForImageClassification` folder (`config.json` with the data's
-`id2label`, `model.safetensors`, `preprocessor_config.json`). With eval data the export is the
-parameters of the best eval top-1 so far (rewritten whenever it improves, so a crash never loses
-it); without, the final parameters.
+`id2label`, `model.safetensors`, `preprocessor_config.json`).
 
-Rerunning the same command with a larger `train.max_steps` resumes from the latest checkpoint.
-The data position is the step counter itself (see `classification_data`), so a resumed run is
-bit-identical to a straight one as long as the learning-rate schedule does not depend on
-`max_steps` (`constant`, `constant_with_warmup`; `linear`/`cosine` stretch with it).
+Data (`classification_data`): class folders, a TFDS dataset read with `tfds.data_source`, or
+scikit-learn's digits, each with up to three splits. The eval split selects: the export is the
+parameters of the best eval top-1 so far, ties going to the lower eval loss (rewritten whenever it
+improves, so a crash never loses it); without eval data, the final parameters. The test split
+only scores the selected parameters (`best.json`, and `test_*` in metrics.jsonl at the last
+step); it never selects.
+
+Rerunning the same command with a larger `train.max_steps` resumes from the latest checkpoint:
+the train state, and grain's data-iterator state from the checkpoint's "data" item. Batches are a
+pure function of `(train.seed, step)`, so a resumed run is bit-identical to a straight one as long
+as the learning-rate schedule does not depend on `max_steps` (`constant`, `constant_with_warmup`;
+`linear`/`cosine` stretch with it).
 
 `plan(config)` compiles the same train step from shapes only (no weights, no data read) and
 returns `jaxvision plan --json`'s memory plan.
@@ -45,17 +53,7 @@ from jaxvision.models.hf_config import read_config_json
 from jaxvision.train import classification_data as data_lib
 from jaxvision.train import sharding as sharding_lib
 from jaxvision.train.checkpoints import CheckpointConfig, Checkpointer
-from jaxvision.train.config import (
-    DTYPES,
-    CheckpointSection,
-    LogSection,
-    MeshSection,
-    TrainSection,
-    format_config,
-    require,
-    save_resolved,
-    to_yaml,
-)
+from jaxvision.train.config import format_config, save_resolved, to_yaml
 from jaxvision.train.freeze import merge_params
 from jaxvision.train.mesh import make_mesh
 from jaxvision.train.optimizers import Optimizer, OptimizerConfig, make_optimizer
@@ -63,136 +61,17 @@ from jaxvision.train.plan import plan_train_step
 from jaxvision.train.state import abstract_train_state, create_train_state
 from jaxvision.train.step import TrainStep, host_metrics, make_train_step
 from jaxvision.train.tracking import Tracker
+from jaxvision.train.vit_finetune_config import (  # noqa: F401  (the schema is part of this module's API)
+    DataSection,
+    FinetuneConfig,
+    FinetuneModelSection,
+    FinetuneTrainSection,
+)
 
 EXPORT_DIRNAME = "export"
 BEST_FILENAME = "best.json"
 # A head for `plan` when neither the data nor the checkpoint names the classes (ImageNet-sized).
 PLAN_PLACEHOLDER_LABELS = 1000
-
-# ----------------------------------------------------------------------------- config schema
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FinetuneModelSection:
-    """The starting model: a pretrained Hugging Face ViT folder, or a variant trained from scratch.
-
-    Attributes:
-      path: a local transformers ViT folder (`ViTModel` or `ViTForImageClassification`); its
-        classifier head is replaced by one for the data's classes (kept if the classes are equal).
-      variant: a `jaxvision.models.vit.VARIANTS` name ("tiny", "Ti/16", "B/16", ...) to train from scratch.
-      image_size: input side in pixels; from scratch it defaults to 224; for a pretrained model
-        it defaults to the checkpoint's and a different value resizes the position embeddings.
-      patch_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size:
-        from-scratch overrides of the variant's values (None keeps them).
-      param_dtype: storage dtype of the parameters (one of `DTYPES`).
-      attention_impl: `layers.attention` implementation (None: JAX chooses; "cudnn" on GPUs).
-    """
-
-    path: str | None = None
-    variant: str | None = None
-    image_size: int | None = None
-    patch_size: int | None = None
-    hidden_size: int | None = None
-    num_hidden_layers: int | None = None
-    num_attention_heads: int | None = None
-    intermediate_size: int | None = None
-    param_dtype: str = "float32"
-    attention_impl: str | None = None
-
-    def __post_init__(self):
-        require(
-            (self.path is None) != (self.variant is None),
-            "path",
-            self.path,
-            "set exactly one of model.path (a local Hugging Face ViT folder) or model.variant (from scratch)",
-        )
-        require(
-            self.variant is None or self.variant in vit.VARIANTS,
-            "variant",
-            self.variant,
-            f"choose one of {', '.join(vit.VARIANTS)}",
-        )
-        if self.path is not None:
-            for name in self._architecture_overrides():
-                require(False, name, getattr(self, name), "only applies with model.variant (from scratch)")
-        require(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "must be >= 1")
-        require(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"choose one of {', '.join(DTYPES)}")
-
-    def _architecture_overrides(self) -> list[str]:
-        names = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-        return [n for n in names if getattr(self, n) is not None]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FinetuneTrainSection(TrainSection):
-    """`TrainSection` plus classification settings.
-
-    Attributes:
-      label_smoothing: mass moved uniformly onto all classes in the cross-entropy targets.
-      eval_every_steps: evaluate (top-1 / top-5) every this many steps; 0: only at the end.
-      eval_batch_size: global eval batch size (the last batch is padded and masked).
-    """
-
-    label_smoothing: float = 0.0
-    eval_every_steps: int = 0
-    eval_batch_size: int = 256
-
-    def __post_init__(self):
-        super().__post_init__()
-        require(0.0 <= self.label_smoothing < 1.0, "label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        require(self.eval_every_steps >= 0, "eval_every_steps", self.eval_every_steps, "must be >= 0")
-        require(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "must be >= 1")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class DataSection:
-    """Training and eval data: class folders, or a bundled dataset.
-
-    Attributes:
-      train_dir: folder with one subfolder per class (the sorted names become `id2label`).
-      eval_dir: the same layout for evaluation (optional; its classes must be among train_dir's).
-      dataset: "digits" (scikit-learn's 8x8 digits, fixed 80/20 train/test split) instead of folders.
-      augment: random resized crop + horizontal flip on training images (folders only).
-      crop_min_scale: smallest area fraction of the random resized crop.
-      hflip: horizontal flips (turn off for data where left/right matters).
-    """
-
-    train_dir: str | None = None
-    eval_dir: str | None = None
-    dataset: str | None = None
-    augment: bool = True
-    crop_min_scale: float = 0.35
-    hflip: bool = True
-
-    def __post_init__(self):
-        require(
-            self.dataset is None or self.dataset in data_lib.DATASETS,
-            "dataset",
-            self.dataset,
-            f"choose one of {', '.join(data_lib.DATASETS)}, or give data.train_dir",
-        )
-        require(
-            self.dataset is None or (self.train_dir is None and self.eval_dir is None),
-            "dataset",
-            self.dataset,
-            "give either data.dataset or data.train_dir / data.eval_dir, not both",
-        )
-        require(self.eval_dir is None or self.train_dir is not None, "eval_dir", self.eval_dir, "needs data.train_dir")
-        require(0.0 < self.crop_min_scale <= 1.0, "crop_min_scale", self.crop_min_scale, "must be in (0, 1]")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FinetuneConfig:
-    """A ViT fine-tuning run (`jaxvision finetune`); see `configs/vit/`."""
-
-    output_dir: str
-    model: FinetuneModelSection
-    train: FinetuneTrainSection
-    data: DataSection = dataclasses.field(default_factory=DataSection)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
-    checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
-    log: LogSection = dataclasses.field(default_factory=LogSection)
-
 
 # ----------------------------------------------------------------------------- phase helpers
 
@@ -216,18 +95,54 @@ class Model:
     source: str
 
 
-def _labels(cfg: FinetuneConfig, *, for_plan: bool = False) -> tuple[str, ...]:
-    """The class names: digits' "0".."9", or the train_dir's class folders.
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """What the data phase produces: the class names and the splits (`eval` / `test` may be None)."""
 
-    For `plan` the data need not exist: the checkpoint's own labels, else a 1000-class placeholder.
-    """
-    data = cfg.data
-    if data.dataset == "digits":
-        return data_lib.DIGIT_LABELS
-    if data.train_dir is not None and (not for_plan or Path(data.train_dir).is_dir()):
-        return data_lib.class_names(data.train_dir)
-    if not for_plan:
-        raise ConfigError("no training data: set data.train_dir (one subfolder per class) or data.dataset=digits")
+    labels: tuple[str, ...]
+    train: data_lib.Examples
+    eval: data_lib.Examples | None
+    test: data_lib.Examples | None
+
+
+def load_data(cfg: FinetuneConfig) -> Data:
+    """The data phase: the configured source's train, eval (selection) and test (score) splits."""
+    d = cfg.data
+    if d.dataset == "digits":
+        train, evaluation, test = (data_lib.digits_split(s) for s in data_lib.DIGITS_SPLITS)
+        return Data(data_lib.DIGIT_LABELS, train, evaluation, test)
+    if d.tfds_name is not None:
+
+        def split(name: str | None, key: str) -> data_lib.Examples | None:
+            if name is None:
+                return None
+            return data_lib.tfds_split(
+                d.tfds_name, name, d.data_dir, image_key=d.image_key, label_key=d.label_key,
+                download=d.tfds_download, key=f"data.tfds_name / data.{key}",
+            )  # fmt: skip
+
+        train = split(d.train_split, "train_split")
+        return Data(train.labels, train, split(d.eval_split, "eval_split"), split(d.test_split, "test_split"))
+    if d.train_dir is None:
+        raise ConfigError(
+            "no training data: set data.train_dir (one subfolder per class), data.tfds_name or data.dataset=digits"
+        )
+    train = data_lib.image_folder(d.train_dir, key="data.train_dir")
+    folder = lambda path, key: None if path is None else data_lib.image_folder(path, train.labels, key=key)
+    return Data(train.labels, train, folder(d.eval_dir, "data.eval_dir"), folder(d.test_dir, "data.test_dir"))
+
+
+def _plan_labels(cfg: FinetuneConfig) -> tuple[str, ...]:
+    """The class names for `plan`, where the data need not exist: the data's if it can be read,
+    else the checkpoint's own labels, else a 1000-class placeholder."""
+    d = cfg.data
+    try:
+        if d.dataset is not None or d.tfds_name is not None:
+            return load_data(cfg).labels
+        if d.train_dir is not None and Path(d.train_dir).is_dir():
+            return data_lib.class_names(d.train_dir)
+    except ConfigError:
+        pass
     if cfg.model.path is not None:
         labels = vit.ViTConfig.from_hf(read_config_json(cfg.model.path), cfg.model.path).labels
         if labels:
@@ -347,13 +262,15 @@ def _eval_fn(model: Model, mesh: jax.sharding.Mesh):
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, label) * mask
         return jnp.stack([top1.sum(), topk.sum(), loss.sum(), mask.sum()])
 
-    def evaluate(params: dict, pipeline: data_lib.Pipeline, examples: data_lib.Examples, batch_size: int, rows: slice):
+    def evaluate(
+        params: dict, pipeline: data_lib.Pipeline, examples: data_lib.Examples, batch_size: int, prefix: str = "eval"
+    ) -> dict[str, float]:
         total = np.zeros(4)
         with jax.set_mesh(mesh), nn.logical_axis_rules(sharding_lib.LOGICAL_AXIS_RULES):
-            for batch in pipeline.eval_batches(examples, batch_size, rows):
+            for batch in pipeline.eval_batches(examples, batch_size):
                 total += np.asarray(sums(params, sharding_lib.shard_batch(batch, mesh)))
         top1, top5, loss, count = total
-        return {"eval_top1": top1 / count, "eval_top5": top5 / count, "eval_loss": loss / count}
+        return {f"{prefix}_top1": top1 / count, f"{prefix}_top5": top5 / count, f"{prefix}_loss": loss / count}
 
     return evaluate
 
@@ -392,12 +309,14 @@ def export(model: Model, params: dict, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def _local_rows(batch_size: int) -> slice:
-    """This process's rows of a global batch (process i holds the i-th contiguous share)."""
-    n, i = jax.process_count(), jax.process_index()
-    if batch_size % n:
-        raise ConfigError(f"batch size {batch_size} is not divisible by the {n} processes")
-    return slice(i * batch_size // n, (i + 1) * batch_size // n)
+def _improves(metrics: dict[str, float], best: dict[str, Any] | None) -> bool:
+    """Whether eval `metrics` beat `best`: higher top-1, or equal top-1 and lower loss (small eval
+    sets tie often)."""
+    if best is None:
+        return True
+    if metrics["eval_top1"] != best["eval_top1"]:
+        return metrics["eval_top1"] > best["eval_top1"]
+    return metrics["eval_loss"] < best.get("eval_loss", float("inf"))
 
 
 def _log(message: str) -> None:
@@ -411,14 +330,14 @@ def _log(message: str) -> None:
 def plan(cfg: FinetuneConfig) -> dict[str, Any]:
     """Compiles the train step of `cfg` from shapes only and returns its memory plan.
 
-    Reads at most the checkpoint's `config.json` (and the train_dir's class folder names if it
-    exists); never the weights or the images.
+    Reads at most the checkpoint's `config.json` and the data's class names (train_dir's folder
+    names, a TFDS dataset's metadata) where they exist; never the weights or the images.
 
     Returns:
       `{"devices": int, "per_device_bytes": {"params", "opt_state", "temp", "total"}}`.
     """
     mesh = make_mesh(cfg.mesh)
-    model = build_model(cfg, _labels(cfg, for_plan=True), load_weights=False)
+    model = build_model(cfg, _plan_labels(cfg), load_weights=False)
     _, step = compile_step(cfg, model, mesh)
     return plan_train_step(step)
 
@@ -427,8 +346,9 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """Trains (or resumes) the run `cfg` describes; see the module docstring.
 
     Returns:
-      `{"step": final step, "export_dir": str, "best": {"step", "eval_top1"} or None,
-      "eval": last eval metrics or None}`.
+      `{"step": final step, "export_dir": str, "best": {"step", "eval_top1", "test_top1", ...} or
+      None, "eval": last eval metrics or None}`; `best` is the exported step, chosen on eval
+      top-1, with the test metrics of that step (the final step's when there is no eval data).
     """
     out = Path(cfg.output_dir)
     t = cfg.train
@@ -438,14 +358,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     mesh = make_mesh(cfg.mesh)
 
     # --- data ------------------------------------------------------------------------------
-    labels = _labels(cfg)
-    if cfg.data.dataset == "digits":
-        train_data, eval_data = data_lib.digits_split("train"), data_lib.digits_split("test")
-    else:
-        train_data = data_lib.image_folder(cfg.data.train_dir, key="data.train_dir")
-        eval_data = None
-        if cfg.data.eval_dir is not None:
-            eval_data = data_lib.image_folder(cfg.data.eval_dir, labels, key="data.eval_dir")
+    data = load_data(cfg)
+    labels = data.labels
 
     # --- model -----------------------------------------------------------------------------
     model = build_model(cfg, labels)
@@ -455,14 +369,20 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         augment=cfg.data.augment and cfg.data.dataset is None,
         crop_min_scale=cfg.data.crop_min_scale,
         hflip=cfg.data.hflip,
+        max_shift=cfg.data.max_shift,
+        num_threads=cfg.data.num_threads,
+        prefetch=cfg.data.prefetch,
     )
-    if train_data.images is not None:  # small in-memory datasets: preprocess once
-        train_data = pipeline.materialize(train_data)
-        eval_data = pipeline.materialize(eval_data) if eval_data is not None else None
+    if data.train.images is not None:  # small in-memory datasets: preprocess once
+        materialize = lambda split: None if split is None else pipeline.materialize(split)
+        data = Data(labels, materialize(data.train), materialize(data.eval), materialize(data.test))
+    sizes = " / ".join(
+        f"{len(x) if x is not None else 0} {n}"
+        for n, x in zip(("train", "eval", "test"), (data.train, data.eval, data.test), strict=True)
+    )
     _log(
         f"model: ViT {model.config.hidden_size}w x {model.config.num_hidden_layers}L, patch {model.config.patch_size}, "
-        f"{model.config.image_size} px, {len(labels)} classes from {model.source}; "
-        f"{len(train_data)} train / {len(eval_data) if eval_data else 0} eval examples"
+        f"{model.config.image_size} px, {len(labels)} classes from {model.source}; {sizes} examples"
     )
 
     # --- shard -----------------------------------------------------------------------------
@@ -492,10 +412,17 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         _log(f"resuming from step {start} ({out / 'checkpoints'})")
     best_path = out / BEST_FILENAME
     best = json.loads(best_path.read_text()) if restored is not None and best_path.exists() else None
+    # The data position: grain's iterator state, saved in the checkpoint's "data" item. Every
+    # process's iterator stands at the same index (its own sub-batch of each global batch).
+    data_state = None
+    if restored is not None:
+        # Checkpoints written before the iterator state was saved: grain's MapDataset iterator
+        # state is the index of the next element, here the step.
+        data_state = restored.data.get("iterator", {"next_index": start})
+    batches = pipeline.train_iterator(data.train, t.seed, t.batch_size, data_state)
 
     # --- loop ------------------------------------------------------------------------------
     evaluate = _eval_fn(model, mesh)
-    rows, eval_rows = _local_rows(t.batch_size), _local_rows(t.eval_batch_size)
     export_dir = out / EXPORT_DIRNAME
     last_eval = None
     ckpt.install_sigterm_handler()
@@ -503,34 +430,49 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         with Tracker(out, cfg.log, config=cfg, max_steps=t.max_steps, start_step=start) as tracker:
             step = start
             while step < t.max_steps:
-                batch = pipeline.train_batch(train_data, t.seed, step, t.batch_size, rows)
+                batch = next(batches)
                 state, metrics = train_step(state, frozen, sharding_lib.shard_batch(batch, mesh))
                 step += 1
                 tracker.update_progress(step)
                 if step % cfg.log.every_steps == 0 or step == t.max_steps:
                     tracker.log_scalars(step, {k: v for k, v in host_metrics(metrics).items() if k != "step"})
                 due = (t.eval_every_steps and step % t.eval_every_steps == 0) or step == t.max_steps
-                if eval_data is not None and due:
-                    last_eval = evaluate(merge_params(state.params, frozen), pipeline, eval_data,
-                                         t.eval_batch_size, eval_rows)  # fmt: skip
+                if data.eval is not None and due:
+                    params = merge_params(state.params, frozen)
+                    last_eval = evaluate(params, pipeline, data.eval, t.eval_batch_size)
                     tracker.log_scalars(step, last_eval)
-                    if best is None or last_eval["eval_top1"] > best["eval_top1"]:
-                        best = {"step": step, "eval_top1": last_eval["eval_top1"]}
-                        export(model, merge_params(state.params, frozen), export_dir)
+                    if _improves(last_eval, best):
+                        # Selected on eval only; the test score of the selected parameters is recorded, never compared.
+                        best = {"step": step, "eval_top1": last_eval["eval_top1"], "eval_loss": last_eval["eval_loss"]}
+                        if data.test is not None:
+                            best.update(evaluate(params, pipeline, data.test, t.eval_batch_size, prefix="test"))
+                        export(model, params, export_dir)
                         if jax.process_index() == 0:
                             best_path.write_text(json.dumps(best) + "\n")
-                ckpt.save(step, state, {"step": step}, force=step == t.max_steps)
+                ckpt.save(step, state, {"step": step, "iterator": batches.get_state()}, force=step == t.max_steps)
                 if ckpt.should_stop:
                     _log(f"preempted: saved step {step}; rerun the same command to resume")
                     break
+            if step == t.max_steps and data.test is not None:
+                if data.eval is None:  # nothing to select on: the final parameters are the model
+                    best = {"step": step}
+                    best.update(
+                        evaluate(
+                            merge_params(state.params, frozen), pipeline, data.test, t.eval_batch_size, prefix="test"
+                        )
+                    )
+                tracker.log_scalars(step, {k: v for k, v in best.items() if k.startswith("test_")})
     finally:
+        batches.close()  # stops grain's reader threads
         ckpt.close()
 
     # --- export ----------------------------------------------------------------------------
-    if eval_data is None or not export_dir.exists():
+    if data.eval is None or not export_dir.exists():
         export(model, merge_params(state.params, frozen), export_dir)
-    if best is not None:
-        _log(f"best eval top-1 {best['eval_top1']:.4f} at step {best['step']}; exported to {export_dir}")
+    if best is not None and "eval_top1" in best:
+        test = f", test top-1 {best['test_top1']:.4f}" if "test_top1" in best else ""
+        _log(f"best eval top-1 {best['eval_top1']:.4f} at step {best['step']}{test}; exported to {export_dir}")
     else:
-        _log(f"exported step {step} to {export_dir}")
+        test = f" (test top-1 {best['test_top1']:.4f})" if best is not None and "test_top1" in best else ""
+        _log(f"exported step {step}{test} to {export_dir}")
     return {"step": step, "export_dir": str(export_dir), "best": best, "eval": last_eval}

@@ -27,7 +27,7 @@ def setting(p: dict) -> str:
 
 
 def step_jax(p: dict) -> list[dict[str, Any]]:
-    """jaxvision's DreamBooth step (`dreambooth._compile_step`, the trainer's own), AOT-compiled with
+    """jaxvision's DreamBooth step (`dreambooth.compile_step`, the trainer's own), AOT-compiled with
     donated state; the memory plan is `plan_train_step`'s per-device bytes."""
     import jax
     import jax.numpy as jnp
@@ -56,13 +56,13 @@ def step_jax(p: dict) -> list[dict[str, Any]]:
     if p.get("attention_impl"):
         overrides.append(f"model.attention_impl={p['attention_impl']}")
     cfg = db.load(str(CONFIG), overrides)
-    comps = load_components(cfg.model.path, **db._modules_kwargs(cfg))
+    comps = load_components(cfg.model.path, **db.modules_kwargs(cfg))
     module_kw = dict(remat_policy=cfg.train.remat_policy, attention_impl=cfg.model.attention_impl)
     unet, text_encoder = comps.unet.clone(**module_kw), comps.text_encoder.clone(**module_kw)
     mesh = make_mesh(cfg.mesh)
     vae, scheduler_config = comps.vae, comps.scheduler_config
     (init_fn, optimizer, rng, step), compile_s = timed(
-        lambda: db._compile_step(cfg, mesh, unet, text_encoder, vae, scheduler_config)
+        lambda: db.compile_step(cfg, mesh, unet, text_encoder, vae, scheduler_config)
     )
     base = {"unet": comps.unet_params, "text_encoder": comps.text_encoder_params, "vae": comps.vae_params}
     state, frozen = create_train_state(init_fn, optimizer, rng, mesh, params=base)

@@ -126,7 +126,9 @@ def finetune_jax(p: dict) -> list[dict[str, Any]]:
     # 10 new classes: the head is replaced, as when fine-tuning on new data.
     model = ft.build_model(cfg, tuple(f"class_{i}" for i in range(10)))
     (optimizer, step), compile_s = timed(lambda: ft.compile_step(cfg, model, mesh))
-    state, frozen = create_train_state(ft._init_fn(model), optimizer, jax.random.PRNGKey(0), mesh, params=model.params)
+    state, frozen = create_train_state(
+        ft.init_fn_for(model), optimizer, jax.random.PRNGKey(0), mesh, params=model.params
+    )
     size = p["image_size"]
     rng = np.random.default_rng(0)
     batch = sharding_lib.shard_batch(

@@ -168,7 +168,7 @@ def test_one_step_trains_only_the_adapters(tiny, models):
     assert cfg.train.train_text_encoder  # tiny.yaml trains it: its attention gets adapters too
     mesh = make_mesh(cfg.mesh)
     scheduler_config = json.loads((tiny / "scheduler" / "scheduler_config.json").read_text())
-    init_fn, optimizer, rng, step = db._compile_step(cfg, mesh, unet, text_encoder, vae, scheduler_config)
+    init_fn, optimizer, rng, step = db.compile_step(cfg, mesh, unet, text_encoder, vae, scheduler_config)
     host_base = jax.tree.map(np.array, params)
     state, frozen = create_train_state(init_fn, optimizer, rng, mesh, params=db.add_adapters(cfg, params, rng))
 

@@ -218,6 +218,27 @@ def test_save_pretrained_bfloat16_and_reload(tmp_path):
     np.testing.assert_array_equal(np.asarray(params2["embeddings"]["cls_token"]), a)
 
 
+def test_fp32_checkpoint_loads_into_bfloat16_params(tmp_path):
+    """`from_pretrained(dir, param_dtype=bfloat16)` casts an fp32 file's floats to bf16 params (as
+    transformers' `torch_dtype` does) instead of rejecting the dtype; the values are the fp32 ones
+    rounded to bf16."""
+    _save_reference(
+        tmp_path,
+        "ViTModel",
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=16,
+        image_size=16,
+        patch_size=8,
+    )
+    _, fp32 = jaxvision.from_pretrained(tmp_path)
+    _, bf16 = jaxvision.from_pretrained(tmp_path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(bf16)} == {jnp.dtype(jnp.bfloat16)}
+    for a, b in zip(jax.tree.leaves(fp32), jax.tree.leaves(bf16), strict=True):
+        np.testing.assert_array_equal(np.asarray(a).astype(jnp.bfloat16), np.asarray(b))
+
+
 def test_variant_table():
     """The variant table reproduces the published widths and depths."""
     c = vit.ViTConfig.from_variant("L/16", image_size=384, labels=tuple(map(str, range(1000))))

@@ -167,6 +167,9 @@ def export_onnx(
     from jax2onnx import to_onnx
 
     module, params, preprocessor = _resolve(model)
+    # XLA's attention lowers to plain ONNX ops; the CPU default for long sequences
+    # (`layers.blocked_attention`, a scan over tiles) would not.
+    module = module.clone(attention_impl="xla")
     forward, names = _forward(module, params, layout)
     with _quiet_converter_logs():
         proto = to_onnx(

@@ -19,8 +19,8 @@ Dtype = Any
 AttentionImpl = Literal["xla", "cudnn", "reference", "chunked"] | None
 ATTENTION_IMPLS = ("xla", "cudnn", "reference", "chunked")
 # Unmasked attention with at least this many logits per (batch, head) takes `blocked_attention` on
-# CPU by default (SD's 64×64-latent self-attention: 4096² ≈ 16.8 M); smaller ones are not worth it.
-BLOCKED_MIN_LOGITS = 1 << 20
+# CPU by default: ViT-L/16-384's 577² ≈ 0.33 M and SD's 4096² ≈ 16.8 M do, CLIP's masked 77² does not.
+BLOCKED_MIN_LOGITS = 1 << 18
 
 # The logical axis vocabulary. A parameter axis is one of these or None (never sharded).
 EMBED = "embed"  # model width (residual stream / channel width)
@@ -229,7 +229,7 @@ def blocked_attention(
     *,
     scale: float | None = None,
     block_q: int = 512,
-    block_k: int = 512,
+    block_k: int = 1024,
 ) -> jax.Array:
     """Flash-style attention in plain JAX: `block_q × block_k` tiles with an online softmax.
 
@@ -242,15 +242,16 @@ def blocked_attention(
     Args:
       query: `[batch, q_len, heads, head_dim]`; key/value `[batch, kv_len, heads, head_dim]`.
       scale: logit scale; default `head_dim ** -0.5`.
-      block_q, block_k: tile sizes; lengths that are not multiples are padded (padded keys masked).
+      block_q, block_k: largest tile sizes; a length is split into equal tiles no larger than
+        these (577 → 2 × 289), the last one padded (padded keys are masked).
     Returns:
       `[batch, q_len, heads, head_dim]` in the query dtype.
     """
     b, q_len, h, d = query.shape
     kv_len = key.shape[1]
     scale = d**-0.5 if scale is None else scale
-    block_q, block_k = min(block_q, q_len), min(block_k, kv_len)
     nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
+    block_q, block_k = -(-q_len // nq), -(-kv_len // nk)  # balanced: little padding
 
     def blocks(x: jax.Array, size: int, n: int) -> jax.Array:  # → [n, batch, heads, size, head_dim]
         x = jnp.pad(x, ((0, 0), (0, n * size - x.shape[1]), (0, 0), (0, 0)))

@@ -236,8 +236,14 @@ def _batch_spec(cfg: DreamBoothConfig, text_config: Any, vae_config: Any) -> dic
     return spec
 
 
-def _compile_step(cfg: DreamBoothConfig, mesh: Any, unet: Any, text_encoder: Any, vae: Any, scheduler_config: dict):
-    """Abstract (sharded) state and the AOT-compiled train step; shared by `run` and `plan`."""
+def compile_step(cfg: DreamBoothConfig, mesh: Any, unet: Any, text_encoder: Any, vae: Any, scheduler_config: dict):
+    """The AOT-compiled DreamBooth train step, shared by `run`, `plan` and the benchmarks.
+
+    Returns:
+      `(init_fn, optimizer, rng, step)`: the shape-only init of `{"unet", "text_encoder", "vae"}`
+      (plus adapters with LoRA), the Optax chain, the state's PRNG key, and the compiled step
+      (`step.abstract_state` / `step.abstract_frozen` carry the shardings).
+    """
     from jaxvision.models import clip_text as clip_lib
     from jaxvision.models import unet as unet_lib
     from jaxvision.models import vae as vae_lib
@@ -276,7 +282,8 @@ def _compile_step(cfg: DreamBoothConfig, mesh: Any, unet: Any, text_encoder: Any
     return init_fn, optimizer, rng, step
 
 
-def _modules_kwargs(cfg: DreamBoothConfig) -> dict[str, Any]:
+def modules_kwargs(cfg: DreamBoothConfig) -> dict[str, Any]:
+    """`dtype` / `param_dtype` for the modules, from `train.dtype` and `model.param_dtype`."""
     return dict(dtype=jnp.dtype(cfg.train.dtype), param_dtype=jnp.dtype(cfg.model.param_dtype))
 
 
@@ -299,7 +306,7 @@ def plan(cfg: DreamBoothConfig) -> dict[str, Any]:
     from jaxvision.train.plan import plan_train_step
 
     root = Path(cfg.model.path)
-    kw = dict(remat_policy=cfg.train.remat_policy, attention_impl=cfg.model.attention_impl, **_modules_kwargs(cfg))
+    kw = dict(remat_policy=cfg.train.remat_policy, attention_impl=cfg.model.attention_impl, **modules_kwargs(cfg))
     if (root / "unet" / "config.json").is_file():
 
         def read(name: str) -> dict:
@@ -330,7 +337,7 @@ def plan(cfg: DreamBoothConfig) -> dict[str, Any]:
     # the VAE keeps its attention in fp32).
     vae = vae_lib.build(vae_cfg, **{**kw, "remat_policy": "none", "attention_impl": None})
     mesh = make_mesh(cfg.mesh)
-    _, _, _, step = _compile_step(cfg, mesh, unet, text_encoder, vae, scheduler_config)
+    _, _, _, step = compile_step(cfg, mesh, unet, text_encoder, vae, scheduler_config)
     return plan_train_step(step)
 
 
@@ -413,7 +420,7 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
         )
 
     # ---- model ----------------------------------------------------------------------------
-    comps = load_components(cfg.model.path, **_modules_kwargs(cfg))
+    comps = load_components(cfg.model.path, **modules_kwargs(cfg))
     module_kw = dict(remat_policy=cfg.train.remat_policy, attention_impl=cfg.model.attention_impl)
     unet = comps.unet.clone(**module_kw)
     text_encoder = comps.text_encoder.clone(**module_kw)
@@ -480,7 +487,7 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
     # ---- shard + step ---------------------------------------------------------------------
     log("compiling the train step ...")
     t0 = time.perf_counter()
-    init_fn, optimizer, rng, step_fn = _compile_step(cfg, mesh, unet, text_encoder, vae, comps.scheduler_config)
+    init_fn, optimizer, rng, step_fn = compile_step(cfg, mesh, unet, text_encoder, vae, comps.scheduler_config)
     log(f"compiled in {time.perf_counter() - t0:.1f} s")
     base = {"unet": comps.unet_params, "text_encoder": comps.text_encoder_params, "vae": comps.vae_params}
     base = add_adapters(cfg, base, rng)

@@ -36,6 +36,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,9 @@ def optimizer_config(cfg: FinetuneConfig) -> OptimizerConfig:
     return OptimizerConfig.from_train_section(cfg.train)
 
 
-def _init_fn(model: Model):
+def init_fn_for(model: Model) -> Callable[[jax.Array], Any]:
+    """`init_fn(rng)` of `model`'s module (traced shape-only by the training core, for its
+    parameter shapes and logical axis names; the weights themselves are loaded)."""
     example = jnp.zeros((1, *model.config.image_size, model.config.num_channels), jnp.float32)
     return lambda rng: model.module.init(rng, example)["params"]
 
@@ -238,7 +241,7 @@ def compile_step(cfg: FinetuneConfig, model: Model, mesh: jax.sharding.Mesh) -> 
     """The step phase: the optimizer and the AOT-compiled train step (shapes only)."""
     optimizer = make_optimizer(optimizer_config(cfg))
     rng = jax.random.PRNGKey(cfg.train.seed)
-    abstract_state, abstract_frozen = abstract_train_state(_init_fn(model), optimizer, rng, mesh)
+    abstract_state, abstract_frozen = abstract_train_state(init_fn_for(model), optimizer, rng, mesh)
     size, (h, w) = cfg.train.batch_size, model.config.image_size
     batch_spec = {
         "image": jax.ShapeDtypeStruct((size, h, w, model.config.num_channels), jnp.float32),
@@ -388,7 +391,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     # --- shard -----------------------------------------------------------------------------
     optimizer, train_step = compile_step(cfg, model, mesh)  # AOT, before any batch is built
     state, frozen = create_train_state(
-        _init_fn(model), optimizer, jax.random.PRNGKey(t.seed), mesh, params=model.params
+        init_fn_for(model), optimizer, jax.random.PRNGKey(t.seed), mesh, params=model.params
     )
 
     # --- restore ---------------------------------------------------------------------------

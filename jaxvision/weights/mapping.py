@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxvision.errors import WeightLoadError
@@ -148,7 +149,9 @@ def load_params(
             )
             continue
         want = np.dtype(leaf.dtype)
-        if np.issubdtype(want, np.floating) != np.issubdtype(value.dtype, np.floating) and value.dtype.kind != "V":
+        # Floats cast to the model's param dtype (an fp32 file into bf16 params, as transformers'
+        # torch_dtype does); float <-> integer is a mismatch. jnp's issubdtype knows ml_dtypes' bf16.
+        if jnp.issubdtype(want, jnp.floating) != jnp.issubdtype(value.dtype, jnp.floating):
             bad_dtype.append(f"{key}: checkpoint dtype {value.dtype}, model expects {want}")
             continue
         out[path] = np.asarray(value, dtype=want)

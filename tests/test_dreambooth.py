@@ -18,6 +18,7 @@ import pytest
 import torch
 from fixtures.tiny_sd import write_tiny_sd
 from PIL import Image
+from train_helpers import FAST_COMPILE_FLAGS, run_cli
 
 import jaxvision
 from jaxvision.errors import ConfigError
@@ -30,8 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "jaxvision" / "assets"
 # transformers v5 names the final norm without the `text_model.` prefix of the checkpoint keys.
 FINAL_NORM = "final_layer_norm.weight"
-# As tests/train_helpers.py: LLVM's expensive passes dominate CPU compile time of tiny programs.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 RES = 16  # the tiny UNet's sample_size 8 times the tiny VAE's factor 2
 
 
@@ -228,24 +227,8 @@ def _write_config(tmp: Path, model: Path, name: str, **sections) -> Path:
 
 
 def _cli(tmp: Path, *argv: str) -> tuple[dict, str]:
-    """Runs `python -m jaxvision dreambooth ...`; returns the printed summary and all stdout.
-
-    A subprocess lets XLA's fast-compile flags apply (every run compiles its own step) and shares
-    compiled programs between the runs through a persistent compilation cache under `tmp`.
-    """
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": FAST_COMPILE_FLAGS,
-        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxvision", "dreambooth", *argv], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+    """`jaxvision dreambooth ARGV...` in a subprocess: its printed summary and all stdout."""
+    return run_cli(tmp, "dreambooth", *argv)
 
 
 @pytest.fixture(scope="module")

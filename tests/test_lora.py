@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import diffusers
@@ -20,6 +17,7 @@ import torch
 from conftest import max_rel_error
 from fixtures.tiny_sd import write_tiny_sd
 from flax import traverse_util
+from train_helpers import run_cli
 
 import jaxvision
 from jaxvision.errors import ConfigError
@@ -31,8 +29,6 @@ from jaxvision.weights.safetensors_io import read_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "dreambooth" / "tiny.yaml"
-# As tests/test_dreambooth.py: LLVM's expensive passes dominate CPU compile time of tiny programs.
-FAST_COMPILE_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 RES = 16  # the tiny UNet's sample_size 8 times the tiny VAE's factor 2
 BOTH = ("unet", "text_encoder")
 # The tiny UNet has 4 transformer blocks (down 0, mid, up 1 × 2) with attn1 + attn2 × q/k/v/out;
@@ -273,20 +269,8 @@ def test_export_matches_diffusers_load_lora_weights(tiny, models, tmp_path, rank
 
 
 def _cli(tmp: Path, *argv: str) -> dict:
-    """`python -m jaxvision dreambooth ...` with fast-compile flags and a shared compilation cache."""
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": FAST_COMPILE_FLAGS,
-        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }
-    proc = subprocess.run(
-        [sys.executable, "-m", "jaxvision", "dreambooth", *argv], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """`jaxvision dreambooth ARGV...` in a subprocess; its printed summary."""
+    return run_cli(tmp, "dreambooth", *argv)[0]
 
 
 def test_cli_lora_end_to_end(tiny, tmp_path):

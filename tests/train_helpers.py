@@ -273,3 +273,24 @@ if __name__ == "__main__":
     out_dir = Path(kwargs.pop("out"))
     out_dir.mkdir(parents=True, exist_ok=True)
     scenarios[sys.argv[1]](out_dir, **kwargs)
+
+
+def run_cli(tmp: Path, *argv: str) -> tuple[dict, str]:
+    """Runs `python -m jaxvision ARGV...`; returns the JSON summary it prints last, and its stdout.
+
+    A subprocess lets the fast-compile flags apply (every run compiles its own step), and the runs of
+    one test module share compiled programs through a persistent compilation cache under `tmp`.
+    """
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": FAST_COMPILE_FLAGS,
+        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxvision", *argv], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout

@@ -141,20 +141,8 @@ class PNDMScheduler(schedule.SchedulerConfig):
     def add_noise_at(
         self, state: PNDMState, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
     ) -> jnp.ndarray:
-        """`original_samples` noised to step `step_index`'s timestep, as diffusers' `add_noise(x, noise,
-        timesteps[step_index:step_index + 1])`.
-
-        Args:
-            state: from `set_timesteps`.
-            original_samples: `[batch, ...]` clean samples.
-            noise: standard-normal noise shaped like `original_samples`.
-            step_index: int scalar (may be traced).
-
-        Returns:
-            The noisy samples, shaped like `original_samples`.
-        """
-        t = jnp.broadcast_to(state.timesteps[step_index], original_samples.shape[:1])
-        return schedule.add_noise(state.alphas_cumprod, original_samples, noise, t)
+        """See `schedule.add_noise_at_step`."""
+        return schedule.add_noise_at_step(state, original_samples, noise, step_index)
 
     def scale_model_input(self, state: PNDMState, sample: jnp.ndarray, step_index: jnp.ndarray) -> jnp.ndarray:
         """PNDM does not scale the model input."""

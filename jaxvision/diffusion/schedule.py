@@ -151,6 +151,25 @@ def add_noise(
     return sqrt_alpha * original_samples + sqrt_one_minus_alpha * noise
 
 
+def add_noise_at_step(
+    state: Any, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
+) -> jnp.ndarray:
+    """`original_samples` noised to step `step_index`'s timestep: diffusers' `add_noise(x, noise,
+    timesteps[step_index:step_index + 1])` for the alphas-cumprod schedulers (DDPM, DDIM, PNDM).
+
+    Args:
+        state: a scheduler state with `timesteps` and `alphas_cumprod` (from `set_timesteps`).
+        original_samples: `[batch, ...]` clean samples.
+        noise: standard-normal noise shaped like `original_samples`.
+        step_index: int scalar (may be traced).
+
+    Returns:
+        The noisy samples, shaped like `original_samples`.
+    """
+    t = jnp.broadcast_to(state.timesteps[step_index], original_samples.shape[:1])
+    return add_noise(state.alphas_cumprod, original_samples, noise, t)
+
+
 def get_velocity(
     alphas_cumprod: jnp.ndarray, sample: jnp.ndarray, noise: jnp.ndarray, timesteps: jnp.ndarray
 ) -> jnp.ndarray:

@@ -10,6 +10,20 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 import numpy as np  # noqa: E402
 
+# google/vit-large-patch16-384's architecture (transformers `ViTConfig` kwargs) for the full-size tests.
+VIT_L16_384 = dict(
+    hidden_size=1024,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    intermediate_size=4096,
+    image_size=384,
+    patch_size=16,
+    num_labels=1000,
+    layer_norm_eps=1e-12,
+    hidden_act="gelu",
+    qkv_bias=True,
+)
+
 
 def max_rel_error(actual, expected) -> float:
     """max |a - e| divided by max(1, max |e|): the suite's "error relative to output scale"."""

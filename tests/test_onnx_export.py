@@ -23,7 +23,7 @@ import onnx
 import pytest
 import torch
 import transformers
-from conftest import max_rel_error
+from conftest import VIT_L16_384, max_rel_error
 
 import jaxvision
 from jaxvision import cli
@@ -224,15 +224,7 @@ def vit_large(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
     """google/vit-large-patch16-384's exact config with random weights, saved by transformers, with
     an NCHW input batch and the transformers logits for it (the torch model is freed here)."""
     torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        image_size=384,
-        patch_size=16,
-        num_labels=1000,
-    )
+    config = transformers.ViTConfig(**VIT_L16_384)
     model = transformers.ViTForImageClassification(config).eval()
     path = tmp_path_factory.mktemp("vit-l16-384")
     model.save_pretrained(path, safe_serialization=True)

@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import max_rel_error
+from conftest import VIT_L16_384, max_rel_error
 
 import jaxvision
 from jaxvision import cli
@@ -277,18 +277,7 @@ def vit_large(tmp_path_factory):
     """google/vit-large-patch16-384's exact config with random weights, saved by transformers."""
     path = tmp_path_factory.mktemp("vit-l16-384")
     torch.manual_seed(0)
-    config = transformers.ViTConfig(
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        image_size=384,
-        patch_size=16,
-        num_labels=1000,
-        layer_norm_eps=1e-12,
-        hidden_act="gelu",
-        qkv_bias=True,
-    )
+    config = transformers.ViTConfig(**VIT_L16_384)
     transformers.ViTForImageClassification(config).eval().save_pretrained(path, safe_serialization=True)
     return path
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import max_rel_error
+from conftest import VIT_L16_384, max_rel_error
 
 import jaxvision
 from jaxvision.models import vit
@@ -126,20 +126,7 @@ def test_interpolate_pos_encoding(tmp_path):
 def vit_large(tmp_path_factory):
     """google/vit-large-patch16-384's exact config with random weights, saved by transformers."""
     path = tmp_path_factory.mktemp("vit-l16-384")
-    model = _save_reference(
-        path,
-        "ViTForImageClassification",
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        intermediate_size=4096,
-        image_size=384,
-        patch_size=16,
-        num_labels=1000,
-        layer_norm_eps=1e-12,
-        hidden_act="gelu",
-        qkv_bias=True,
-    )
+    model = _save_reference(path, "ViTForImageClassification", **VIT_L16_384)
     pixels = np.random.default_rng(0).standard_normal((1, 3, 384, 384)).astype(np.float32)
     with torch.no_grad():
         ref = model(torch.from_numpy(pixels), output_hidden_states=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.timing import block, cost_flops, log, memory_bytes, row, time_calls, timed, torch_device
+from benchmarks.timing import block, log, memory_bytes, program_flops, row, time_calls, timed, torch_device
 
 WORKLOAD = "sd15_dreambooth_step"
 SHARDED = "sd15_dreambooth_step_sharded"
@@ -84,7 +84,7 @@ def step_jax(p: dict) -> list[dict[str, Any]]:
         block(metrics)
 
     timing = time_calls(call, warmup=p["warmup"], iters=p["iters"])
-    flops = cost_flops(step.compiled)
+    flops = program_flops(step.lowered, step.compiled)
     plan = plan_train_step(step)
     log(
         f"dreambooth step: {timing.median_s:.2f} s, per-device total {plan['per_device_bytes']['total'] / 2**30:.2f} GiB"

@@ -4,6 +4,8 @@
     python -m benchmarks.run --quick    # a few minutes on 2 cores: ViT-L/16-384 batch 1, tiny SD
     python -m benchmarks.run --gpu      # the suite on one GPU: bf16, cuDNN attention, MFU
     python -m benchmarks.run --quick --only vit_l16_384_inference   # one workload
+    python -m benchmarks.run --gpu --rehearse   # the GPU suite's code paths on this CPU, tiny sizes
+    python -m benchmarks.run --gpu --budget-s 420 --out $OUT/gpu.json   # a borrowed GPU, time-boxed
 
 References, measured in the same run on the same machine: transformers-torch ViT,
 diffusers-torch UNet / VAE / pipeline / DreamBooth step, and the JAX peers — the last Hugging
@@ -114,17 +116,35 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--no-peers", action="store_true", help="skip the Flax peers")
     p.add_argument("--note", default="", help="recorded with the results, e.g. what else ran on the machine")
     p.add_argument("--out", type=Path, help="results JSON path (default benchmarks/results/<machine>[-mode].json)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        help="start no case after this many seconds of benchmarks; the rest are recorded as skipped "
+        "(a borrowed machine's time is fixed: the suite runs most-informative first)",
+    )
+    p.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="with --gpu: run the GPU suite's code paths (bf16, its workload order) on this CPU at the quick "
+        "sizes, to catch a broken case before borrowing a GPU; the numbers mean nothing",
+    )
     args = p.parse_args(argv)
-    name = "gpu" if args.gpu else "quick" if args.quick else "full"
+    if args.rehearse and not args.gpu:
+        p.error("--rehearse rehearses the GPU suite: use it with --gpu")
+    name = "gpu-rehearsal" if args.rehearse else "gpu" if args.gpu else "quick" if args.quick else "full"
 
-    machine = _probe(args.gpu)
-    if args.gpu and machine["platform"] != "gpu":
+    machine = _probe(args.gpu and not args.rehearse)
+    if args.gpu and not args.rehearse and machine["platform"] != "gpu":
         sys.exit(
             f"benchmarks --gpu: JAX sees no GPU (platform {machine['platform']!r}, {machine['device_kind']}). "
             "Install a CUDA build of jaxlib (pip install 'jax[cuda12]') and run on a machine with an NVIDIA GPU, "
             "or drop --gpu for the CPU suite."
         )
-    label = machine_name() if not args.gpu else "".join(c if c.isalnum() else "-" for c in machine["device_kind"])
+    label = (
+        machine_name()
+        if machine["platform"] != "gpu"
+        else "".join(c if c.isalnum() else "-" for c in machine["device_kind"])
+    )
     cases = [c for c in plan(name) if not args.only or c.workload in args.only]
     if args.no_peers:
         cases = [c for c in cases if c.python != "peer"]
@@ -142,41 +162,60 @@ def main(argv: list[str] | None = None) -> Path:
         paths[ckpt] = str(checkpoints.CACHE_DIR / ckpt)
         log(f"checkpoint {ckpt}: ready ({time.perf_counter() - t0:.0f} s)")
 
+    out = args.out or RESULTS / f"{label}{'' if name == 'full' else '-' + name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     for i, case in enumerate(cases, 1):
+        elapsed = time.perf_counter() - started
+        if args.budget_s is not None and elapsed > args.budget_s:
+            rows.append(_failure(case, f"skipped: the suite's --budget-s {args.budget_s:.0f} was spent"))
+            rows[-1]["model"] = case.model
+            continue
         settings = dict(case.settings)
         if case.checkpoint:
             settings["checkpoint"] = paths[case.checkpoint]
-        log(f"[{i}/{len(cases)}] {case.workload} | {case.setting} | {case.impl} ...")
+        log(f"[{i}/{len(cases)}] {case.workload} | {case.setting} | {case.impl} ({elapsed:.0f} s in) ...")
         new = run_case(case, settings)
         for r in new:
             r.setdefault("model", case.model)
             shown = f"{r['s_per_unit']:.3f} s/{r['unit']}" if "s_per_unit" in r else r["status"]
             log(f"    {shown}")
         rows.extend(new)
-    total_s = time.perf_counter() - started
+        # Written after every case: a run killed at its time limit still leaves what it measured.
+        _write(out, rows, _meta(name, label, machine, started, load_before, args.note, partial=i < len(cases)))
 
-    report.complete(rows)
-    out = args.out or RESULTS / f"{label}{'' if name == 'full' else '-' + name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {
+    table = _write(out, rows, _meta(name, label, machine, started, load_before, args.note, partial=False))
+    print(table)
+    log(f"wrote {out} and {out.with_suffix('.md')} ({time.perf_counter() - started:.0f} s of benchmarks)")
+    return out
+
+
+def _meta(
+    name: str, label: str, machine: dict[str, Any], started: float, load_before: float, note: str, *, partial: bool
+) -> dict[str, Any]:
+    return {
         "mode": name,
         "machine": label,
         **machine,
-        "suite_wall_s": total_s,
+        "suite_wall_s": time.perf_counter() - started,
         "date": time.strftime("%Y-%m-%d"),
         # Another process on the cores distorts CPU timings (torch's OpenMP threads most): keep the load.
         "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]},
-        "note": args.note,
+        "note": note,
+        "partial": partial,
     }
-    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
-    table = report.markdown(rows, meta)
+
+
+def _write(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """Writes the results JSON and its markdown table (returned); rows are completed with ratios."""
+    done = [dict(r) for r in rows]
+    report.complete(done)
+    out.write_text(json.dumps({"meta": meta, "rows": done}, indent=2, default=str) + "\n")
+    table = report.markdown(done, meta)
     out.with_suffix(".md").write_text(table)
-    print(table)
-    log(f"wrote {out} and {out.with_suffix('.md')} ({total_s:.0f} s of benchmarks)")
-    return out
+    return table
 
 
 if __name__ == "__main__":

@@ -14,6 +14,11 @@ Three modes (settings differ; the workloads and the code that times them do not)
   batch-16 fine-tuning step, the UNet at 64×64 and 32×32, VAE decode at 512 px, 50-step sampling at
   512 px, the DreamBooth step at 512 px; the sharded step on 8 fake CPU devices (tiny SD, to check
   the sharded program, not a GPU number). MFU is against the card's measured bf16 matmul rate.
+  The cases run most-informative first (`GPU_ORDER`), so a run cut short by `--budget-s` on a
+  borrowed machine still has the headline rows.
+- `gpu-rehearsal` (`--gpu --rehearse`): the GPU suite's cases, order and bf16 settings at the quick
+  sizes on this CPU (XLA attention in place of cuDNN; torch on the CPU), to find a broken case
+  before a GPU is borrowed. Its numbers mean nothing.
 """
 
 from __future__ import annotations
@@ -62,8 +67,30 @@ def _three(workload, setting, jax_t, torch_t, peer_t, s, **kw) -> list[Case]:
     return cases
 
 
+# The GPU suite's run order: the headline comparisons first, the kernels that explain them last.
+GPU_ORDER = (
+    matmul.WORKLOAD,
+    vit.INFERENCE,
+    unet.WORKLOAD,
+    kernels.ATTENTION,
+    vae.WORKLOAD,
+    dreambooth.WORKLOAD,
+    sampling.WORKLOAD,
+    vit.FINETUNE,
+    kernels.CONV,
+    kernels.ATTENTION + "_einsum",
+    dreambooth.SHARDED,
+)
+
+
 def _settings(mode: str) -> dict[str, Any]:
     gpu = mode == "gpu"
+    if mode == "gpu-rehearsal":
+        return {
+            **_settings("quick"),
+            "timing": dict(warmup=1, iters=2, gpu=False, attention_impl="xla"),
+            "dtypes": ("bfloat16",),
+        }
     if mode == "quick":
         return dict(
             timing=dict(warmup=1, iters=2, gpu=False),
@@ -111,15 +138,16 @@ def _settings(mode: str) -> dict[str, Any]:
 
 
 def plan(mode: str) -> list[Case]:
-    """Every process of `mode` ("full", "quick", "gpu"), in run order."""
+    """Every process of `mode` ("full", "quick", "gpu", "gpu-rehearsal"), in run order."""
     s = _settings(mode)
     t = s["timing"]
+    gpu_order = mode.startswith("gpu")
     gpu = mode == "gpu"
     env = {} if gpu else CPU_ENV
-    dtype = s["dtypes"][-1] if gpu else "float32"
+    dtype = s["dtypes"][-1] if gpu_order else "float32"
     cases: list[Case] = []
 
-    mm_dtype = "bfloat16" if gpu else "float32"
+    mm_dtype = "bfloat16" if gpu_order else "float32"
     mm = {**t, "n": s["matmul_n"], "dtype": mm_dtype}
     mm_setting = matmul.setting(mm)
     cases += _three(
@@ -273,6 +301,8 @@ def plan(mode: str) -> list[Case]:
             env=FAKE_8,
         )
     )
+    if gpu_order:
+        cases.sort(key=lambda c: GPU_ORDER.index(c.workload))  # stable: jaxvision, torch, peer stay in order
     if gpu:  # the GPU suite is meant to finish in minutes; a stuck process must not eat the budget
-        cases = [dataclasses.replace(c, timeout_s=300) for c in cases]
+        cases = [dataclasses.replace(c, timeout_s=180) for c in cases]
     return cases

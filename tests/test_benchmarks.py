@@ -2,7 +2,7 @@
 
 Proves: every process the three modes plan names a function that exists; the quick mode keeps the
 full-size ViT-L/16-384 at batch 1 against both references; the GPU mode runs bf16 with cuDNN
-attention; the derived numbers (GFLOP/s, roofline fraction, reference ÷ jaxvision ratios) follow
+attention, headline rows first, and its CPU rehearsal plans the same cases; the derived numbers (GFLOP/s, roofline fraction, reference ÷ jaxvision ratios) follow
 from the rows; an unavailable reference is shown with its reason, never as a number.
 """
 
@@ -21,7 +21,7 @@ from benchmarks.suite import plan  # noqa: E402
 from benchmarks.timing import Timing, row, time_calls, unavailable  # noqa: E402
 
 
-@pytest.mark.parametrize("mode", ["quick", "full", "gpu"])
+@pytest.mark.parametrize("mode", ["quick", "full", "gpu", "gpu-rehearsal"])
 def test_every_planned_process_names_a_function(mode):
     for case in plan(mode):
         module, function = case.target.split(":")
@@ -40,6 +40,18 @@ def test_gpu_mode_is_bf16_with_cudnn_attention():
     assert all(c.settings["attention_impl"] == "cudnn" for c in cases if c.impl == "jaxvision")
     sharded = [c for c in plan("gpu") if c.workload == "sd15_dreambooth_step_sharded"]
     assert sharded and "device_count=8" in sharded[0].env["XLA_FLAGS"]
+
+
+def test_gpu_suite_runs_headline_rows_first_and_its_rehearsal_stays_on_the_cpu():
+    """A budget-cut GPU run keeps the headline comparisons: the matmul ceiling, ViT and UNet rows
+    come before the kernels; the rehearsal plans the same workloads in the same order, on the CPU."""
+    gpu, rehearsal = plan("gpu"), plan("gpu-rehearsal")
+    order = [c.workload for c in gpu]
+    assert order[0] == "matmul_ceiling"
+    assert order.index("sd15_unet_cfg_step") < order.index("kernel_sd15_conv3x3")
+    assert list(dict.fromkeys(order)) == list(dict.fromkeys(c.workload for c in rehearsal))
+    assert all(c.env.get("JAX_PLATFORMS") == "cpu" and not c.settings["gpu"] for c in rehearsal)
+    assert all(c.timeout_s <= 180 for c in gpu)
 
 
 def test_time_calls_warms_up_then_times_iters_calls():

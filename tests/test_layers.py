@@ -61,6 +61,34 @@ def test_cudnn_falls_back_to_xla_for_inputs_cudnn_rejects():
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
 
+@pytest.mark.parametrize("q_len, kv_len, causal", [(577, 577, False), (77, 77, True), (64, 77, False), (9, 8, False)])
+def test_even_length_attention_matches_reference_and_its_gradient(q_len, kv_len, causal):
+    """The odd-length route of `implementation="cudnn"` (zero-pad to even lengths, true lengths as
+    cuDNN's padding mask, padded query rows dropped) computes the same attention and the same
+    gradients for q, k and v as the reference: padded keys get no weight, padded queries no
+    gradient. Run through XLA here (the same `jax.nn.dot_product_attention` arguments cuDNN gets on
+    a GPU); fp32, tolerance 1e-5."""
+    q = jax.random.normal(jax.random.key(0), (2, q_len, 3, 8))
+    k, v = (jax.random.normal(jax.random.key(i), (2, kv_len, 3, 8)) for i in (1, 2))
+    g = jax.random.normal(jax.random.key(3), q.shape)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(fn(q, k, v) * g)
+
+    def padded(q, k, v):
+        return layers.even_length_attention(q, k, v, is_causal=causal, implementation="xla")
+
+    def reference(q, k, v):
+        return layers.reference_attention(q, k, v, is_causal=causal)
+
+    with jax.default_matmul_precision("highest"):
+        np.testing.assert_allclose(padded(q, k, v), reference(q, k, v), atol=1e-5)
+        grads = jax.grad(loss(padded), argnums=(0, 1, 2))(q, k, v)
+        ref_grads = jax.grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_fp16_attention_runs_on_cpu():
     """XLA:CPU lacks the fp16×fp16→fp32 dot of `jax.nn.dot_product_attention`; fp16 inputs take the
     einsum path there (fp32 softmax) and stay close to the fp32 reference."""

@@ -222,6 +222,51 @@ def cudnn_unsupported(query: jax.Array, key: jax.Array, bias: jax.Array | None) 
     return None
 
 
+def even_length_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    implementation: AttentionImpl = "cudnn",
+) -> jax.Array:
+    """Attention over odd lengths (ViT's 577 tokens, CLIP's 77) as cuDNN can differentiate it.
+
+    jax's cuDNN backward rule rejects odd sequence lengths: it tests for a bias after replacing a
+    missing one with a placeholder, so every odd-length attention fails when differentiated, and
+    under `jax.checkpoint` the error is raised outside any caller's reach (seen on an H100 with
+    jax 0.11.2: `Unsupported sequence length Q 77, KV 77`). Here queries and keys are zero-padded to
+    even lengths and the true lengths passed as `query_seq_lengths` / `key_value_seq_lengths`
+    (cuDNN's padding mask, no bias); the padded query rows are dropped.
+
+    Args:
+      query: `[batch, q_len, heads, head_dim]`; key/value `[batch, kv_len, heads, head_dim]`.
+      is_causal, scale: as `attention`.
+      implementation: "cudnn" (tests run the same padding through "xla" on a CPU).
+    Returns:
+      `[batch, q_len, heads, head_dim]`.
+    """
+    batch, q_len = query.shape[:2]
+    kv_len = key.shape[1]
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+
+    def pad(t: jax.Array, length: int) -> jax.Array:
+        return jnp.pad(t, ((0, 0), (0, length % 2), (0, 0), (0, 0)))
+
+    out = jax.nn.dot_product_attention(
+        pad(query, q_len),
+        pad(key, kv_len),
+        pad(value, kv_len),
+        scale=scale,
+        is_causal=is_causal,
+        query_seq_lengths=jnp.full((batch,), q_len, jnp.int32),
+        key_value_seq_lengths=jnp.full((batch,), kv_len, jnp.int32),
+        implementation=implementation,
+    )
+    return out[:, :q_len]
+
+
 def blocked_attention(
     query: jax.Array,
     key: jax.Array,
@@ -331,6 +376,8 @@ def attention(
         # XLA:CPU has no fp16×fp16→fp32 dot, which `jax.nn.dot_product_attention` emits.
         out = reference_attention(query, key, value, bias=bias, is_causal=is_causal, scale=scale)
         return out.astype(dtype)
+    if implementation == "cudnn" and bias is None and (query.shape[1] % 2 or key.shape[1] % 2):
+        return even_length_attention(query, key, value, is_causal=is_causal, scale=scale).astype(dtype)
     if bias is not None:
         bias = bias.astype(query.dtype)
     try:

@@ -62,6 +62,7 @@ class TrainStep:
       compiled: the AOT-compiled XLA executable (`jax.stages.Compiled`); call it directly to
         skip the per-step divergence check (and its host sync).
       abstract_state, abstract_frozen, batch_spec: what it was compiled for (with shardings).
+      lowered: the lowered program (`jax.stages.Lowered`), for backend-independent cost analysis.
       trace_count: how many times the Python step was traced (1 after construction).
       check_finite: whether `__call__` checks the loss.
     """
@@ -70,6 +71,7 @@ class TrainStep:
     abstract_state: TrainState
     abstract_frozen: PyTree
     batch_spec: PyTree
+    lowered: jax.stages.Lowered | None = None
     trace_count: int = 0
     check_finite: bool = True
 
@@ -216,8 +218,9 @@ def make_train_step(
         donate_argnums=(0,),
     )
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = jitted.lower(abstract_state, abstract_frozen, batch_spec).compile()
-    step = TrainStep(compiled, abstract_state, abstract_frozen, batch_spec, check_finite=check_finite)
+        lowered = jitted.lower(abstract_state, abstract_frozen, batch_spec)
+        compiled = lowered.compile()
+    step = TrainStep(compiled, abstract_state, abstract_frozen, batch_spec, lowered, check_finite=check_finite)
     step.trace_count = counter[0]
     return step
 

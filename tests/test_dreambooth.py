@@ -24,6 +24,7 @@ import jaxvision
 from jaxvision.errors import ConfigError
 from jaxvision.train import dreambooth as db
 from jaxvision.train import dreambooth_data as data_lib
+from jaxvision.train import dreambooth_outputs as outputs
 from jaxvision.train import optimizers
 from jaxvision.train.tracking import read_metrics
 
@@ -343,7 +344,7 @@ def test_export_trained_only_writes_just_the_trained_networks(tiny, tmp_path, tr
     params = {"unet": comps.unet_params, "text_encoder": comps.text_encoder_params, "vae": comps.vae_params}
     overrides = [f"model.path={model}", "train.export_trained_only=true", f"train.train_text_encoder={train_te}"]
     cfg = db.load(str(ROOT / "configs" / "dreambooth" / "tiny.yaml"), overrides)
-    out = db.export_model(cfg, comps, params, tmp_path / "export")
+    out = outputs.export_model(cfg, comps, params, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == (["text_encoder", "unet"] if train_te else ["unet"])
     unet = diffusers.UNet2DConditionModel.from_pretrained(out / "unet")
     ref = diffusers.UNet2DConditionModel.from_pretrained(model / "unet")

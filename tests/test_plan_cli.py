@@ -121,3 +121,22 @@ def test_plan_picks_the_trainer_whose_schema_the_config_fits(capsys):
     assert "as a finetune config" in err and "data.instance_prompt" in err
     assert cli.main(["plan", "--trainer", "finetune", "--config", dreambooth, "--json"]) != 0
     assert "as a dreambooth config" not in capsys.readouterr().err
+
+
+def test_dreambooth_plan_rejects_a_batch_the_mesh_cannot_split():
+    """A DreamBooth step whose rows (batch + prior) do not split over the data-parallel ways is a
+    config error naming train.batch_size and the ways, before anything compiles (it used to be
+    JAX's IndivisibleError from deep inside the step's lowering)."""
+    proc = run_plan(
+        "--trainer",
+        "dreambooth",
+        "--config",
+        str(CONFIGS.parent / "dreambooth" / "sd15.yaml"),
+        "model.path=/nonexistent",
+        "mesh.data=1",
+        "mesh.fsdp=8",
+        "train.batch_size=1",
+    )
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "train.batch_size=1 gives 2 rows per step, not divisible by the data-parallel ways (8" in stderr

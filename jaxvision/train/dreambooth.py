@@ -33,6 +33,7 @@ from jaxvision.diffusion.ddpm import DDPMScheduler
 from jaxvision.diffusion.schedule import add_noise, get_velocity
 from jaxvision.errors import ConfigError
 from jaxvision.models.vae import DiagonalGaussian
+from jaxvision.train import dreambooth_outputs as outputs
 from jaxvision.train import lora as lora_lib
 from jaxvision.train.config import format_config, save_resolved, to_yaml
 from jaxvision.train.dreambooth_config import (  # noqa: F401 (re-exported: the trainer's schema and loader)
@@ -192,30 +193,6 @@ def add_adapters(cfg: DreamBoothConfig, params: dict, rng: jax.Array) -> dict:
     return merge_params(params, lora_lib.init_lora(params, cfg.train.lora, networks, jax.random.fold_in(rng, 1)))
 
 
-def export_model(cfg: DreamBoothConfig, comps: Any, params: dict, directory: Path) -> Path:
-    """Writes the trained model to `directory` in diffusers layout.
-
-    The whole pipeline (`model_index.json` and every component) by default; with
-    `train.export_trained_only` only the networks that trained (`unet/`, and `text_encoder/` when
-    `train.train_text_encoder`): the rest is the base model's, unchanged, so a user swaps them into
-    the base pipeline (`UNet2DConditionModel.from_pretrained(directory / "unet")`).
-
-    Args:
-      params: `{"unet", "text_encoder", "vae"}` host params (adapters already merged).
-    """
-    from jaxvision.diffusion.components import save_components
-    from jaxvision.pretrained import save_pretrained
-
-    if not cfg.train.export_trained_only:
-        trained = dict(unet_params=params["unet"], text_encoder_params=params["text_encoder"])
-        return save_components(dataclasses.replace(comps, **trained, vae_params=params["vae"]), directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_pretrained(comps.unet, params["unet"], directory / "unet")
-    if cfg.train.train_text_encoder:
-        save_pretrained(comps.text_encoder, params["text_encoder"], directory / "text_encoder")
-    return directory
-
-
 def rows_per_step(cfg: DreamBoothConfig) -> int:
     """Rows of one global batch: the instance images, and as many class images with prior preservation."""
     return cfg.train.batch_size * (2 if cfg.prior_preservation else 1)
@@ -337,51 +314,26 @@ def plan(cfg: DreamBoothConfig) -> dict[str, Any]:
     # the VAE keeps its attention in fp32).
     vae = vae_lib.build(vae_cfg, **{**kw, "remat_policy": "none", "attention_impl": None})
     mesh = make_mesh(cfg.mesh)
+    check_batch_divides(cfg, mesh)
     _, _, _, step = compile_step(cfg, mesh, unet, text_encoder, vae, scheduler_config)
     return plan_train_step(step)
 
 
+def check_batch_divides(cfg: DreamBoothConfig, mesh: jax.sharding.Mesh) -> None:
+    """Raises ConfigError unless each step's rows split evenly over the data-parallel ways
+    (mesh `data` × `fsdp`) and the gradient-accumulation micro-batches."""
+    from jaxvision.train import sharding as sharding_lib
+
+    ways = math.prod(mesh.shape[a] for a in sharding_lib.batch_sharding(mesh).spec[0])
+    if rows_per_step(cfg) % (ways * cfg.train.grad_accum_steps):
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} gives {rows_per_step(cfg)} rows per step, not divisible "
+            f"by the data-parallel ways ({ways}: mesh data x fsdp) times train.grad_accum_steps "
+            f"({cfg.train.grad_accum_steps}); use a train.batch_size that makes it divide"
+        )
+
+
 # ----------------------------------------------------------------------------- run
-
-
-def _replicated_params(tree: Any, mesh: Any) -> Any:
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    return jax.device_put(tree, NamedSharding(mesh, P()))
-
-
-def _host_params(tree: Any) -> Any:
-    """Every leaf as a NumPy array on the host (gathered across processes)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        return multihost_utils.process_allgather(tree, tiled=True)
-    return jax.device_get(tree)
-
-
-def _sample_grid(pipe: Any, cfg: DreamBoothConfig, devices: int) -> tuple[Any, np.ndarray]:
-    """Validation images of every prompt (rows) × seed (columns): a PIL grid and `[N, H, W, 3]` floats."""
-    from PIL import Image
-
-    v = cfg.validation
-    prompts = [p for p in v.prompts for _ in range(v.num_images_per_prompt)]
-    seeds = [v.seed + i for _ in v.prompts for i in range(v.num_images_per_prompt)]
-    pad = -len(prompts) % devices  # the sampler's batch divides over the devices
-    images = pipe(
-        prompts + prompts[-1:] * pad,
-        num_inference_steps=v.num_inference_steps,
-        guidance_scale=v.guidance_scale,
-        height=cfg.data.resolution,
-        width=cfg.data.resolution,
-        seed=seeds + seeds[-1:] * pad,
-        scheduler=v.scheduler,
-        output_type="np",
-    )[: len(prompts)]
-    n, h, w, _ = images.shape
-    rows, cols = len(v.prompts), v.num_images_per_prompt
-    grid = images.reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)
-    return Image.fromarray((grid * 255).round().astype(np.uint8)), grid
 
 
 def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -412,12 +364,7 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
 
     # ---- mesh -----------------------------------------------------------------------------
     mesh = make_mesh(cfg.mesh)
-    ways = math.prod(mesh.shape[a] for a in sharding_lib.batch_sharding(mesh).spec[0])
-    if rows_per_step(cfg) % (ways * cfg.train.grad_accum_steps):
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} gives {rows_per_step(cfg)} rows per step, not divisible "
-            f"by the data-parallel ways ({ways}) times train.grad_accum_steps ({cfg.train.grad_accum_steps})"
-        )
+    check_batch_divides(cfg, mesh)
 
     # ---- model ----------------------------------------------------------------------------
     comps = load_components(cfg.model.path, **modules_kwargs(cfg))
@@ -523,10 +470,10 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
         if not cfg.validation.prompts:
             return
         p = lora_lib.merge_lora(merge_params(state.params, frozen), cfg.train.lora.scale)
-        pipe.params = _replicated_params(
+        pipe.params = outputs.replicated(
             {"unet": p["unet"], "text_encoder": p["text_encoder"], "vae": p["vae"]}, pipe_mesh
         )
-        image, grid = _sample_grid(pipe, cfg, devices)
+        image, grid = outputs.sample_grid(pipe, cfg, devices)
         if jax.process_index() == 0:
             samples.mkdir(parents=True, exist_ok=True)
             image.save(samples / f"step_{step:06d}.png")
@@ -564,16 +511,16 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
     export = out / "export" if not lora.enabled or lora.export_merged else None
     lora_file = None
     if lora.enabled:
-        adapters = _host_params(state.params)  # the trainable params are the adapters
+        adapters = sharding_lib.to_host(state.params)  # the trainable params are the adapters
         lora_file = out / lora_lib.LORA_WEIGHTS_NAME
         if jax.process_index() == 0:
             lora_lib.save_lora_weights(
                 adapters, lora, unet_config=unet.config, text_encoder_config=text_encoder.config, directory=out
             )
     if export is not None:
-        trained = _host_params(lora_lib.merge_lora(merge_params(state.params, frozen), lora.scale))
+        trained = sharding_lib.to_host(lora_lib.merge_lora(merge_params(state.params, frozen), lora.scale))
         if jax.process_index() == 0:
-            export_model(cfg, comps, trained, export)
+            outputs.export_model(cfg, comps, trained, export)
     summary = {
         "output_dir": str(out),
         "export": None if export is None else str(export),

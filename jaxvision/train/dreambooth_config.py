@@ -108,7 +108,7 @@ class DreamBoothTrainSection(TrainSection):
       text_encoder_learning_rate: the text encoder's peak learning rate (null: `learning_rate`);
         it follows the same schedule shape.
       export_trained_only: export only the trained networks (`unet/`, plus `text_encoder/` when
-        trained) instead of the whole pipeline (see `dreambooth.export_model`).
+        trained) instead of the whole pipeline (see `dreambooth_outputs.export_model`).
       offset_noise: add `offset_noise * N(0, 1)` per sample and channel to the noise (0: off).
       snr_gamma: min-SNR-γ weighting of the instance loss (Hang et al., 2023); null: off.
       lora: low-rank adapters instead of full fine-tuning (`lora.rank` > 0; see `jaxvision.train.lora`).

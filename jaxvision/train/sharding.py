@@ -222,3 +222,15 @@ def abstract_like(tree: PyTree) -> PyTree:
 def shardings_of(abstract_tree: PyTree) -> PyTree:
     """The `.sharding` of every leaf of a tree of arrays or `ShapeDtypeStruct`s."""
     return jax.tree.map(lambda a: a.sharding, abstract_tree)
+
+
+def to_host(tree: Any) -> Any:
+    """Host NumPy copies of (possibly sharded, multi-process) arrays; a collective on every process."""
+    from jax.experimental import multihost_utils
+
+    def one(x: jax.Array) -> np.ndarray:
+        if not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(x)
+
+    return jax.tree.map(one, tree)

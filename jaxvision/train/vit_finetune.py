@@ -278,25 +278,13 @@ def _eval_fn(model: Model, mesh: jax.sharding.Mesh):
     return evaluate
 
 
-def _host_params(tree: dict) -> dict:
-    """Host NumPy copies of (possibly sharded, multi-process) arrays; a collective on every process."""
-    from jax.experimental import multihost_utils
-
-    def one(x: jax.Array) -> np.ndarray:
-        if not x.is_fully_addressable:
-            x = multihost_utils.process_allgather(x, tiled=True)
-        return np.asarray(x)
-
-    return jax.tree.map(one, tree)
-
-
 def export(model: Model, params: dict, directory: str | os.PathLike) -> Path:
     """Writes `params` as a transformers ViTForImageClassification folder + preprocessor_config.json.
 
     Written under a temporary name and renamed, so the previous export survives a crash. Every
     process must call it (the gather is a collective); process 0 writes.
     """
-    host = _host_params(params)
+    host = sharding_lib.to_host(params)
     directory = Path(directory)
     if jax.process_index() != 0:
         return directory

@@ -388,6 +388,29 @@ def test_plan_full_size(variant):
         assert per["total"] <= 24e9, per
 
 
+def test_plan_fsdp8_lean_recipe_fits_5gb_per_device():
+    """The shipped `sd15_fsdp8.yaml` (SD 1.5 DreamBooth, UNet + text encoder, AdamW, remat, 1 + 1
+    rows per device, FSDP over 8 devices; bf16 compute over fp32 masters, cached latents, bf16 Adam
+    first moment) compiles on 8 CPU devices with XLA:CPU's memory-lean scheduler and plans at most
+    5 GB per device. Params and Adam state shard 8 ways (fp32 SD 1.5 is 4.3 GB; UNet + CLIP Adam
+    moments 7.9 GB in fp32, 5.9 GB with a bf16 first moment; small leaves stay replicated)."""
+    code = (
+        "import json; from jaxvision.train import dreambooth as db; "
+        f"cfg = db.load({str(ROOT / 'configs' / 'dreambooth' / 'sd15_fsdp8.yaml')!r}, ['model.path=/nonexistent']); "
+        "print(json.dumps(db.plan(cfg)))"
+    )
+    flags = "--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{flags} {FAST_COMPILE_FLAGS}"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    per = result["per_device_bytes"]
+    assert result["devices"] == 8
+    assert 4.2e9 / 8 < per["params"] < 4.8e9 / 8, per
+    assert 6.0e9 / 8 < per["opt_state"] < 7.0e9 / 8, per
+    assert per["total"] <= 5e9, per
+
+
 def test_text_encoder_learning_rate_is_its_own_group(tiny):
     """`train.text_encoder_learning_rate` puts every text-encoder param (and nothing else) in an
     optimizer group with that peak LR; `lr_groups`' math is tested in test_train_step.py."""

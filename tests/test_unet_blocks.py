@@ -192,3 +192,36 @@ def test_remat_matches_plain_block():
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     # Recomputation may reorder float sums; 1e-5 of max(1, gradient scale) allows for that.
     jax.tree.map(lambda a, b: np.testing.assert_array_less(max_rel_error(a, b), 1e-5), g1, g0)
+
+
+def test_chunked_feed_forward_matches_the_whole_feed_forward():
+    """`chunk_ff` (set with remat) runs a 2048-token feed-forward as a scan over rematerialised
+    `FF_CHUNK_TOKENS`-token chunks: the same parameter tree (`ff/...`, so key tables and
+    checkpoints are unchanged), the same output and the same gradients as the unchunked block;
+    1000 tokens (no whole number of chunks) take the plain path. fp32, highest precision,
+    tolerance 1e-5 of max(1, scale)."""
+    rng = np.random.default_rng(1)
+    x = jnp.asarray(rng.standard_normal((1, 2048, 32)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+    context = jnp.asarray(rng.standard_normal((1, 5, 24)), jnp.float32)
+    plain = BasicTransformerBlock(4, 8)
+    chunked = BasicTransformerBlock(4, 8, chunk_ff=True)
+    params = jax.jit(plain.init)(jax.random.key(0), x, context)["params"]
+    assert jax.tree.structure(jax.eval_shape(chunked.init, jax.random.key(0), x, context)["params"]) == (
+        jax.tree.structure(params)
+    )
+
+    def loss(module, p, x):
+        return jnp.sum(module.apply({"params": p}, x, context) * cotangent[:, : x.shape[1]])
+
+    def jaxpr(module, x):
+        return str(jax.make_jaxpr(lambda p: loss(module, p, x))(params))
+
+    with jax.default_matmul_precision("highest"):
+        # One scan more than the plain block (the CPU's blocked attention scans too).
+        assert jaxpr(chunked, x).count("scan[") == jaxpr(plain, x).count("scan[") + 1
+        assert jaxpr(chunked, x[:, :1000]) == jaxpr(plain, x[:, :1000])
+        l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p, x)))(params)
+        l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(chunked, p, x)))(params)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_array_less(max_rel_error(a, b), 1e-5), g1, g0)

@@ -24,6 +24,8 @@ from jaxvision.models.layers import EMBED, HEADS, MLP, Dtype
 GROUP_NORM_EPS = 1e-6
 LAYER_NORM_EPS = 1e-5
 FF_MULT = 4
+# With `chunk_ff`, feed-forwards over more tokens than this run in chunks of this many tokens.
+FF_CHUNK_TOKENS = 512
 
 
 class Attention(nn.Module):
@@ -96,6 +98,13 @@ class FeedForward(nn.Module):
         return proj(width, (MLP, EMBED), name="net_2")(h)
 
 
+class _FeedForwardStep(FeedForward):
+    """`FeedForward` as an `nn.scan` body (carry unused); its parameters keep FeedForward's names."""
+
+    def __call__(self, carry: None, x: jax.Array) -> tuple[None, jax.Array]:  # type: ignore[override]
+        return carry, super().__call__(x)
+
+
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm block: self-attention (or cross-attention when `only_cross_attention`), then
     cross-attention to the text states, then the GEGLU feed-forward, each with a residual.
@@ -104,6 +113,9 @@ class BasicTransformerBlock(nn.Module):
       num_heads / head_dim: attention geometry (width = num_heads * head_dim).
       only_cross_attention: `attn1` attends to `context` instead of to the image tokens.
       upcast: fp32 attention logits (diffusers' `upcast_attention`).
+      chunk_ff: run the feed-forward as a scan over chunks of `FF_CHUNK_TOKENS` tokens, each
+        rematerialised (diffusers' forward chunking), so a training step's backward pass holds one
+        chunk's GEGLU intermediates instead of all tokens'.
     """
 
     num_heads: int
@@ -113,6 +125,7 @@ class BasicTransformerBlock(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: layers.AttentionImpl = None
+    chunk_ff: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -137,7 +150,22 @@ class BasicTransformerBlock(nn.Module):
 
         x = x + attn(name="attn1")(norm("norm1", x), context if self.only_cross_attention else None)
         x = x + attn(name="attn2")(norm("norm2", x), context)
-        x = x + FeedForward(self.dtype, self.param_dtype, name="ff")(norm("norm3", x))
+        h = norm("norm3", x)
+        b, tokens, width = h.shape
+        if self.chunk_ff and tokens > FF_CHUNK_TOKENS and tokens % FF_CHUNK_TOKENS == 0:
+            scan = nn.scan(
+                nn.remat(_FeedForwardStep),
+                variable_broadcast="params",
+                split_rngs={"params": False},
+                in_axes=1,
+                out_axes=1,
+            )
+            chunks = h.reshape(b, tokens // FF_CHUNK_TOKENS, FF_CHUNK_TOKENS, width)
+            _, h = scan(self.dtype, self.param_dtype, name="ff")(None, chunks)
+            h = h.reshape(b, tokens, width)
+        else:
+            h = FeedForward(self.dtype, self.param_dtype, name="ff")(h)
+        x = x + h
         return nn.with_logical_constraint(x, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
 
 
@@ -152,6 +180,7 @@ class Transformer2DModel(nn.Module):
       num_heads / head_dim: the blocks' attention geometry; `num_heads * head_dim` is the inner width.
       num_layers: transformer blocks (diffusers' `transformer_layers_per_block`).
       norm_num_groups: GroupNorm groups.
+      chunk_ff: token-chunked feed-forwards (see `BasicTransformerBlock`).
     """
 
     num_heads: int
@@ -163,6 +192,7 @@ class Transformer2DModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: layers.AttentionImpl = None
+    chunk_ff: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -187,6 +217,7 @@ class Transformer2DModel(nn.Module):
                 self.dtype,
                 self.param_dtype,
                 self.attention_impl,
+                self.chunk_ff,
                 name=f"transformer_blocks_{k}",
             )(t, context)
         t = proj(c, (HEADS, EMBED), name="proj_out")(t)

@@ -146,6 +146,7 @@ class _Block(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             attention_impl=self.attention_impl,
+            chunk_ff=self.remat_policy != "none",
             name=f"attentions_{j}",
         )
 

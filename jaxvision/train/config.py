@@ -119,6 +119,8 @@ class TrainSection:
       warmup_steps: linear warmup steps before the schedule.
       weight_decay: decoupled weight decay.
       clip_norm: global gradient-norm clip; None turns clipping off.
+      adam_mu_dtype: storage dtype of AdamW's first moment ("bfloat16" halves it; the second moment
+        stays fp32); None keeps the parameters' dtype.
       grad_accum_steps: micro-batches accumulated per optimizer step; must divide batch_size.
       dtype: compute dtype of forward and backward passes (one of `DTYPES`).
       remat_policy: rematerialization policy per block (one of `layers.REMAT_POLICIES`).
@@ -134,6 +136,7 @@ class TrainSection:
     warmup_steps: int = 0
     weight_decay: float = 0.0
     clip_norm: float | None = 1.0
+    adam_mu_dtype: str | None = None
     grad_accum_steps: int = 1
     dtype: str = "float32"
     remat_policy: str = "none"
@@ -147,6 +150,12 @@ class TrainSection:
         require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
         require(self.clip_norm is None or self.clip_norm > 0, "clip_norm", self.clip_norm, "must be > 0, or null")
         require(self.grad_accum_steps >= 1, "grad_accum_steps", self.grad_accum_steps, "must be >= 1")
+        require(
+            self.adam_mu_dtype in (None, "float32", "bfloat16"),
+            "adam_mu_dtype",
+            self.adam_mu_dtype,
+            "choose float32 or bfloat16, or null (the parameters' dtype)",
+        )
         require(
             self.batch_size % self.grad_accum_steps == 0,
             "grad_accum_steps",

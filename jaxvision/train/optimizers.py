@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
@@ -39,6 +40,7 @@ class OptimizerConfig:
       weight_decay: decoupled weight decay, skipping 1-D params (biases, norm scales).
       clip_norm: clip gradients to this global norm; None or 0 disables.
       b1, b2, eps: Adam moments and epsilon.
+      mu_dtype: storage dtype of Adam's first moment (e.g. "bfloat16"); None: the params' dtype.
       momentum: SGD momentum (None or 0: none).
       accumulation_steps: microbatches per step (the step scans over them).
       ema_decay: keep an exponential moving average of the trainable params (None: off).
@@ -59,6 +61,7 @@ class OptimizerConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+    mu_dtype: str | None = None
     momentum: float | None = 0.9
     accumulation_steps: int = 1
     ema_decay: float | None = None
@@ -108,6 +111,7 @@ class OptimizerConfig:
             total_steps=train.max_steps,
             weight_decay=train.weight_decay,
             clip_norm=train.clip_norm,
+            mu_dtype=train.adam_mu_dtype,
             accumulation_steps=train.grad_accum_steps,
             freeze=tuple(train.freeze) if freeze is None else freeze,
             loss_scale="dynamic" if train.dtype == "float16" else "none",
@@ -160,7 +164,13 @@ def _update_rule(config: OptimizerConfig, schedule: optax.Schedule) -> optax.Gra
     """The optimizer proper (after clipping), with weight decay masked to kernels and embeddings."""
     if config.name == "adamw":
         return optax.adamw(
-            schedule, b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask
+            schedule,
+            b1=config.b1,
+            b2=config.b2,
+            eps=config.eps,
+            mu_dtype=config.mu_dtype and jnp.dtype(config.mu_dtype),
+            weight_decay=config.weight_decay,
+            mask=decay_mask,
         )
     if config.name == "adafactor":
         return optax.adafactor(

@@ -12,7 +12,7 @@
 # 4. `benchmarks.run --gpu --no-peers --budget-s BUDGET_S` (default 360): the suite, most-informative
 #    first, its JSON and markdown rewritten after every case.
 # Everything lands in $OUT (the device tool's return folder) or build/gpu-session.
-# Fetch the wheels here first (see benchmarks/NOTES.md, "The GPU run").
+# Fetch the wheels first: benchmarks/NOTES.md, "The GPU run: how to repeat it".
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${OUT:-build/gpu-session}

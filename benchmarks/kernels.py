@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.timing import block, program_flops, row, time_calls, timed, torch_device
+from benchmarks.timing import block, lower_and_compile, program_flops, row, time_calls, torch_device
 
 ATTENTION = "kernel_sd15_self_attention"
 CONV = "kernel_sd15_conv3x3"
@@ -58,9 +58,7 @@ def attention_jax(p: dict) -> list[dict[str, Any]]:
             logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * D**-0.5
             return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
 
-    lowered, lower_s = timed(lambda: jax.jit(fn).lower(q, k, v))
-    compiled, compile_s = timed(lowered.compile)
-    compile_s += lower_s  # the reported compile time includes tracing
+    lowered, compiled, compile_s = lower_and_compile(lambda: jax.jit(fn).lower(q, k, v))
     t = time_calls(lambda: block(compiled(q, k, v)), warmup=p["warmup"], iters=p["iters"])
     flops = program_flops(lowered, compiled)
     workload = ATTENTION if p.get("variant", "seam") == "seam" else ATTENTION + "_einsum"
@@ -111,9 +109,7 @@ def conv_jax(p: dict) -> list[dict[str, Any]]:
     def fn(x, w):
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    lowered, lower_s = timed(lambda: jax.jit(fn).lower(x, w))
-    compiled, compile_s = timed(lowered.compile)
-    compile_s += lower_s  # the reported compile time includes tracing
+    lowered, compiled, compile_s = lower_and_compile(lambda: jax.jit(fn).lower(x, w))
     t = time_calls(lambda: block(compiled(x, w)), warmup=p["warmup"], iters=p["iters"])
     flops = program_flops(lowered, compiled)
     return [

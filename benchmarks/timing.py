@@ -64,6 +64,16 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+def lower_and_compile(lower: Callable[[], Any]) -> tuple[Any, Any, float]:
+    """`(lowered, compiled, seconds)`: `lower()` (a `jax.jit(...).lower(...)` call) and its compilation,
+    timed together, so the reported compile time includes tracing; the lowered program is kept for
+    `program_flops`."""
+    t0 = time.perf_counter()
+    lowered = lower()
+    compiled = lowered.compile()
+    return lowered, compiled, time.perf_counter() - t0
+
+
 def block(tree: Any) -> Any:
     """Waits for every JAX array in `tree` (`jax.block_until_ready`)."""
     import jax

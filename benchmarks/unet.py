@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.timing import block, program_flops, row, time_calls, timed, torch_device
+from benchmarks.timing import block, lower_and_compile, program_flops, row, time_calls, timed, torch_device
 
 WORKLOAD = "sd15_unet_cfg_step"
 
@@ -38,26 +38,22 @@ def cfg_step_jax(p: dict) -> list[dict[str, Any]]:
     context = jnp.asarray(rng.standard_normal((2 * b, 77, unet.config.context_width)), dtype)
     t = jnp.full((2 * b,), 500, jnp.int32)
 
-    def step(params, latents, t, context):
-        x = jnp.concatenate([latents, latents])
-        eps = unet.apply({"params": params}, x, t, context)
-        uncond, cond = jnp.split(eps, 2)
-        return uncond + 7.5 * (cond - uncond)
+    def cfg_step(module):
+        def step(params, latents, t, context):
+            eps = module.apply({"params": params}, jnp.concatenate([latents, latents]), t, context)
+            uncond, cond = jnp.split(eps, 2)
+            return uncond + 7.5 * (cond - uncond)
 
-    lowered, lower_s = timed(lambda: jax.jit(step).lower(params, latents, t, context))
-    compiled, compile_s = timed(lowered.compile)
-    compile_s += lower_s  # the reported compile time includes tracing
+        return step
+
+    step = cfg_step(unet)
+
+    lowered, compiled, compile_s = lower_and_compile(lambda: jax.jit(step).lower(params, latents, t, context))
     timing = time_calls(lambda: block(compiled(params, latents, t, context)), warmup=p["warmup"], iters=p["iters"])
     # Counted on the same network with XLA's attention: the blocked (CPU) attention is a loop, and
     # XLA's cost analysis counts a loop body once.
-    counted = unet.clone(attention_impl="xla")
-
-    def counted_step(params, latents, t, context):
-        eps = counted.apply({"params": params}, jnp.concatenate([latents, latents]), t, context)
-        uncond, cond = jnp.split(eps, 2)
-        return uncond + 7.5 * (cond - uncond)
-
-    flops = program_flops(jax.jit(counted_step).lower(params, latents, t, context), compiled)
+    counted = jax.jit(cfg_step(unet.clone(attention_impl="xla")))
+    flops = program_flops(counted.lower(params, latents, t, context), compiled)
     return [
         row(
             WORKLOAD,

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from benchmarks.timing import block, program_flops, row, time_calls, timed, torch_device
+from benchmarks.timing import block, lower_and_compile, program_flops, row, time_calls, timed, torch_device
 
 WORKLOAD = "sd_vae_decode"
 
@@ -31,9 +31,7 @@ def decode_jax(p: dict) -> list[dict[str, Any]]:
     side = p["latent"]
     z = jnp.asarray(np.random.default_rng(0).standard_normal((p["batch"], side, side, 4)), dtype)
     decode = jax.jit(lambda params, z: vae.apply({"params": params}, z, method="decode"))
-    lowered, lower_s = timed(lambda: decode.lower(params, z))
-    compiled, compile_s = timed(lowered.compile)
-    compile_s += lower_s  # the reported compile time includes tracing
+    lowered, compiled, compile_s = lower_and_compile(lambda: decode.lower(params, z))
     timing = time_calls(lambda: block(compiled(params, z)), warmup=p["warmup"], iters=p["iters"])
     # Counted with XLA's attention: a blocked attention is a loop, whose body XLA counts once.
     counted = vae.clone(attention_impl="xla")

@@ -12,7 +12,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.timing import block, log, memory_bytes, program_flops, row, time_calls, timed, torch_device
+from benchmarks.timing import (
+    block,
+    log,
+    lower_and_compile,
+    memory_bytes,
+    program_flops,
+    row,
+    time_calls,
+    timed,
+    torch_device,
+)
 
 INFERENCE = "vit_l16_384_inference"
 FINETUNE = "vit_l16_384_finetune_step"
@@ -46,9 +56,7 @@ def inference_jax(p: dict) -> list[dict[str, Any]]:
     size = cfg.image_size[0]
     x = jnp.asarray(np.random.default_rng(0).standard_normal((p["batch"], size, size, 3)), dtype)
     forward = jax.jit(lambda params, x: module.apply({"params": params}, x).logits)
-    lowered, lower_s = timed(lambda: forward.lower(params, x))
-    compiled, compile_s = timed(lowered.compile)
-    compile_s += lower_s  # the reported compile time includes tracing
+    lowered, compiled, compile_s = lower_and_compile(lambda: forward.lower(params, x))
     t = time_calls(lambda: block(compiled(params, x)), warmup=p["warmup"], iters=p["iters"])
     flops = program_flops(lowered, compiled)
     tokens = (size // cfg.patch_size[0]) * (size // cfg.patch_size[1]) + 1

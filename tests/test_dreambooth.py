@@ -362,6 +362,20 @@ PLAN_EXPECTED = {
 }
 
 
+def plan_shipped_config(name: str, xla_flags: str = "", timeout: int = 600) -> dict:
+    """`db.plan` of `configs/dreambooth/NAME.yaml` (no weights: `model.path` does not exist), in a
+    subprocess so the XLA flags (fast compile, plus `xla_flags`) apply; returns the plan dict."""
+    code = (
+        "import json; from jaxvision.train import dreambooth as db; "
+        f"cfg = db.load({str(ROOT / 'configs' / 'dreambooth' / f'{name}.yaml')!r}, ['model.path=/nonexistent']); "
+        "print(json.dumps(db.plan(cfg)))"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{xla_flags} {FAST_COMPILE_FLAGS}".strip()}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("variant", ["sd15", "sd21"])
 def test_plan_full_size(variant):
     """`plan` compiles the full SD 1.5 (epsilon, 512 px) and SD 2.1 (v-prediction, 768 px) DreamBooth
@@ -369,15 +383,7 @@ def test_plan_full_size(variant):
     per-device memory: fp32 params of UNet + CLIP + VAE and Adam moments of the UNet only (the text
     encoder and VAE are frozen), and SD 1.5's total within 24 GB. Run in a subprocess so XLA's
     fast-compile flags apply (the memory plan is the same; the compile is ~35% faster)."""
-    code = (
-        "import json; from jaxvision.train import dreambooth as db; "
-        f"cfg = db.load({str(ROOT / 'configs' / 'dreambooth' / f'{variant}.yaml')!r}, ['model.path=/nonexistent']); "
-        "print(json.dumps(db.plan(cfg)))"
-    )
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": FAST_COMPILE_FLAGS}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = plan_shipped_config(variant)
     per = result["per_device_bytes"]
     (params_lo, params_hi), (opt_lo, opt_hi) = PLAN_EXPECTED[variant]
     assert result["devices"] == 1
@@ -394,16 +400,8 @@ def test_plan_fsdp8_lean_recipe_fits_5gb_per_device():
     first moment) compiles on 8 CPU devices with XLA:CPU's memory-lean scheduler and plans at most
     5 GB per device. Params and Adam state shard 8 ways (fp32 SD 1.5 is 4.3 GB; UNet + CLIP Adam
     moments 7.9 GB in fp32, 5.9 GB with a bf16 first moment; small leaves stay replicated)."""
-    code = (
-        "import json; from jaxvision.train import dreambooth as db; "
-        f"cfg = db.load({str(ROOT / 'configs' / 'dreambooth' / 'sd15_fsdp8.yaml')!r}, ['model.path=/nonexistent']); "
-        "print(json.dumps(db.plan(cfg)))"
-    )
     flags = "--xla_force_host_platform_device_count=8 --xla_cpu_enable_concurrency_optimized_scheduler=false"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"{flags} {FAST_COMPILE_FLAGS}"}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result = plan_shipped_config("sd15_fsdp8", flags, timeout=900)
     per = result["per_device_bytes"]
     assert result["devices"] == 8
     assert 4.2e9 / 8 < per["params"] < 4.8e9 / 8, per

@@ -262,19 +262,6 @@ def scenario_multihost(out: Path, port: int, process_id: int, steps: int) -> Non
         (out / "done.json").write_text(json.dumps({"devices": len(jax.devices())}))
 
 
-if __name__ == "__main__":
-    scenarios = {
-        "sharding": scenario_sharding,
-        "train": scenario_train,
-        "reshard": scenario_reshard,
-        "multihost": scenario_multihost,
-    }
-    kwargs = json.loads(sys.argv[2])
-    out_dir = Path(kwargs.pop("out"))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    scenarios[sys.argv[1]](out_dir, **kwargs)
-
-
 def run_cli(tmp: Path, *argv: str) -> tuple[dict, str]:
     """Runs `python -m jaxvision ARGV...`; returns the JSON summary it prints last, and its stdout.
 
@@ -294,3 +281,16 @@ def run_cli(tmp: Path, *argv: str) -> tuple[dict, str]:
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+
+
+if __name__ == "__main__":
+    scenarios = {
+        "sharding": scenario_sharding,
+        "train": scenario_train,
+        "reshard": scenario_reshard,
+        "multihost": scenario_multihost,
+    }
+    kwargs = json.loads(sys.argv[2])
+    out_dir = Path(kwargs.pop("out"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scenarios[sys.argv[1]](out_dir, **kwargs)

@@ -470,8 +470,8 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
         if not cfg.validation.prompts:
             return
         p = lora_lib.merge_lora(merge_params(state.params, frozen), cfg.train.lora.scale)
-        pipe.params = outputs.replicated(
-            {"unet": p["unet"], "text_encoder": p["text_encoder"], "vae": p["vae"]}, pipe_mesh
+        pipe.params = jax.device_put(
+            {"unet": p["unet"], "text_encoder": p["text_encoder"], "vae": p["vae"]}, sharding_lib.replicated(pipe_mesh)
         )
         image, grid = outputs.sample_grid(pipe, cfg, devices)
         if jax.process_index() == 0:

@@ -6,18 +6,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 from jaxvision.train.dreambooth_config import DreamBoothConfig
-
-
-def replicated(tree: Any, mesh: Any) -> Any:
-    """`tree` on every device of `mesh` (the sampler's params for validation)."""
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 def export_model(cfg: DreamBoothConfig, comps: Any, params: dict, directory: Path) -> Path:

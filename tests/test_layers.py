@@ -103,8 +103,8 @@ def test_blocked_attention_matches_reference_and_its_gradient(q_len, kv_len):
     """`blocked_attention` (balanced tiles of at most 512 queries × 1024 keys, online softmax, padded
     queries and masked padded keys, each query block rematerialised) is the same function as the
     reference, values and gradients: cross-attention to 77 tokens, 2 and 3 key blocks with a padded
-    key, through the "chunked" seam and the CPU default (`implementation=None` above
-    `BLOCKED_MIN_LOGITS`, the last two cases)."""
+    key, through the "chunked" seam. The CPU default (`implementation=None` above
+    `BLOCKED_MIN_LOGITS`: `head_loop_attention`, the last two cases) gives the same values."""
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(k1, (1, q_len, 2, 8))
     k = jax.random.normal(k2, (1, kv_len, 2, 8))
@@ -124,3 +124,35 @@ def test_blocked_attention_matches_reference_and_its_gradient(q_len, kv_len):
     np.testing.assert_allclose(default, ref, atol=1e-6)
     for a, b in zip(g, g_ref, strict=True):  # dK/dV sum over all queries: compare relative to scale
         np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()))
+
+
+@pytest.mark.parametrize(
+    "q_len, kv_len, max_tile_logits",
+    [(577, 577, 1 << 22), (1000, 700, 1 << 18), (300, 77, 5000)],
+)
+def test_head_loop_attention_matches_reference_and_its_gradient(q_len, kv_len, max_tile_logits):
+    """`head_loop_attention` (one (batch, head) pair at a time, query blocks against all keys,
+    exact per-row softmax, rematerialised blocks) is the reference function, values and
+    gradients: ViT-L's 577 tokens in one block, 3 balanced blocks with padded query rows (1000 →
+    3 × 334), and cross-attention to 77 keys in 5 blocks."""
+    k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(k1, (2, q_len, 3, 8))
+    k = jax.random.normal(k2, (2, kv_len, 3, 8))
+    v = jax.random.normal(k3, (2, kv_len, 3, 16))  # value width differs from head_dim
+    loop = functools.partial(layers.head_loop_attention, max_tile_logits=max_tile_logits)
+
+    def loss(fn, q, k, v):
+        return jnp.sum(jnp.sin(fn(q, k, v)))
+
+    with jax.default_matmul_precision("highest"):
+        ref = layers.reference_attention(q, k, v)
+        out = loop(q, k, v)
+        g_ref = jax.grad(functools.partial(loss, layers.reference_attention), argnums=(0, 1, 2))(q, k, v)
+        g = jax.grad(functools.partial(loss, loop), argnums=(0, 1, 2))(q, k, v)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, atol=1e-6)
+    for a, b in zip(g, g_ref, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6 * float(jnp.abs(b).max()))
+    out16 = loop(q.astype(jnp.bfloat16), k.astype(jnp.bfloat16), v.astype(jnp.bfloat16))
+    assert out16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out16.astype(jnp.float32), ref, atol=3e-2)

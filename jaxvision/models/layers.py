@@ -15,11 +15,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxvision.models.conv import Conv2d
+
 Dtype = Any
 AttentionImpl = Literal["xla", "cudnn", "reference", "chunked"] | None
 ATTENTION_IMPLS = ("xla", "cudnn", "reference", "chunked")
-# Unmasked attention with at least this many logits per (batch, head) takes `blocked_attention` on
-# CPU by default: ViT-L/16-384's 577² ≈ 0.33 M and SD's 4096² ≈ 16.8 M do, CLIP's masked 77² does not.
+# Unmasked attention with at least this many logits per (batch, head) takes `head_loop_attention`
+# on CPU by default: ViT-L/16-384's 577² ≈ 0.33 M and SD's 4096² ≈ 16.8 M do, CLIP's masked 77² does not.
 BLOCKED_MIN_LOGITS = 1 << 18
 
 # The logical axis vocabulary. A parameter axis is one of these or None (never sharded).
@@ -112,7 +114,11 @@ def conv(
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
 ) -> nn.Conv:
-    """An NHWC `nn.Conv` with an HWIO kernel named `(None, None, conv_in, conv_out)`."""
+    """An NHWC `nn.Conv` with an HWIO kernel named `(None, None, conv_in, conv_out)`.
+
+    Its convolution is `conv.Conv2d`: on CPU, 1×1 kernels and 3×3 kernels over small maps run as
+    matmuls (faster there; same parameters).
+    """
     return nn.Conv(
         features,
         kernel_size,
@@ -123,6 +129,7 @@ def conv(
         param_dtype=param_dtype,
         kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, CONV_IN, CONV_OUT)),
         bias_init=partitioned(nn.initializers.zeros_init(), (CONV_OUT,)),
+        conv_general_dilated_cls=Conv2d,
         name=name,
     )
 
@@ -280,9 +287,11 @@ def blocked_attention(
 
     Each query block scans the key blocks keeping a running max, denominator and weighted sum
     (fp32), so only one `[batch, heads, block_q, block_k]` tile of logits exists at a time; every
-    query block is rematerialised in the backward pass. On XLA:CPU this runs SD's 4096-token
-    self-attention ~5x faster than `jax.nn.dot_product_attention` and ~2.6x faster than one
-    einsum/softmax over the full square (`benchmarks/NOTES.md`), because the tiles stay in cache.
+    query block is rematerialised in the backward pass. This is `implementation="chunked"`, the
+    bounded-memory path on any backend (the DreamBooth configs): batch and heads stay array axes,
+    so a sharded batch or sharded heads stay sharded. On XLA:CPU it runs SD's 4096-token
+    self-attention ~4x faster than `jax.nn.dot_product_attention`; `head_loop_attention`, the CPU
+    default, is faster still (`benchmarks/NOTES.md` changes 1 and 6).
 
     Args:
       query: `[batch, q_len, heads, head_dim]`; key/value `[batch, kv_len, heads, head_dim]`.
@@ -332,6 +341,61 @@ def blocked_attention(
     return out.astype(query.dtype)
 
 
+def head_loop_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float | None = None,
+    max_tile_logits: int = 1 << 22,
+) -> jax.Array:
+    """Unmasked attention one (batch, head) pair at a time, each query block against all keys.
+
+    The CPU default for long attention. On XLA:CPU it beats `blocked_attention` by 1.3-2x
+    (`benchmarks/NOTES.md` change 6: SD 1.5's 4096-token self-attention 0.52 → 0.35 s, its
+    1024-token one 77 → 39 ms, ViT-L at batch 8 0.24 → 0.15 s): a tile of one head's logits
+    (`[block_q, kv_len]`, at most `max_tile_logits`, 16 MB in fp32) is one plain matmul, and with
+    every key in the tile the softmax is exact per row, with no running rescale. The loop over
+    (batch, head) pairs is sequential, which suits a CPU; accelerators and sharded training take
+    `jax.nn.dot_product_attention` or `blocked_attention` instead. Query blocks are
+    rematerialised in the backward pass.
+
+    Args:
+      query: `[batch, q_len, heads, head_dim]`; key/value `[batch, kv_len, heads, head_dim]`.
+      scale: logit scale; default `head_dim ** -0.5`.
+      max_tile_logits: largest tile; a query length is split into equal blocks that fit.
+    Returns:
+      `[batch, q_len, heads, head_dim]` in the query dtype.
+    """
+    b, q_len, h, d = query.shape
+    kv_len = key.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    nq = -(-q_len // max(1, max_tile_logits // kv_len))
+    block_q = -(-q_len // nq)  # balanced: little padding
+
+    def per_head(x: jax.Array) -> jax.Array:  # [batch, length, heads, dim] → [batch * heads, length, dim]
+        return x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], x.shape[-1])
+
+    q = jnp.pad(query * jnp.asarray(scale, query.dtype), ((0, 0), (0, nq * block_q - q_len), (0, 0), (0, 0)))
+    q = per_head(q).reshape(b * h, nq, block_q, d)
+
+    def one_head(qkv: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        q_head, k_head, v_head = qkv
+
+        @jax.checkpoint
+        def one_query_block(q_block: jax.Array) -> jax.Array:  # [block_q, head_dim]
+            s = jnp.einsum("qd,kd->qk", q_block, k_head, preferred_element_type=jnp.float32)
+            p = jnp.exp(s - s.max(-1, keepdims=True))
+            out = jnp.einsum("qk,kd->qd", p.astype(v_head.dtype), v_head, preferred_element_type=jnp.float32)
+            return out / p.sum(-1, keepdims=True)
+
+        return jax.lax.map(one_query_block, q_head)
+
+    out = jax.lax.map(one_head, (q, per_head(key), per_head(value)))  # [batch * heads, nq, block_q, dim]
+    out = out.reshape(b, h, nq * block_q, -1).transpose(0, 2, 1, 3)[:, :q_len]
+    return out.astype(query.dtype)
+
+
 def attention(
     query: jax.Array,
     key: jax.Array,
@@ -353,7 +417,7 @@ def attention(
       implementation: None lets JAX choose, "xla", "cudnn" (GPU fused kernel, bf16/fp16),
         "chunked" (`blocked_attention`: tiles with an online softmax, bounded memory, for long
         unmasked sequences), or "reference" for the plain einsum path. On CPU, None takes
-        `blocked_attention` for long unmasked sequences (it is the fastest path there).
+        `head_loop_attention` for long unmasked sequences (it is the fastest path there).
       upcast: compute q·k and softmax in fp32 even for low-precision inputs (diffusers'
         `upcast_attention`, used by SD 2.1).
     Returns:
@@ -368,7 +432,9 @@ def attention(
         implementation = "xla"
     unmasked = bias is None and not is_causal
     long_on_cpu = query.shape[1] * key.shape[1] >= BLOCKED_MIN_LOGITS and jax.default_backend() == "cpu"
-    if unmasked and (implementation == "chunked" or (implementation is None and long_on_cpu)):
+    if unmasked and implementation is None and long_on_cpu:
+        return head_loop_attention(query, key, value, scale=scale).astype(dtype)
+    if unmasked and implementation == "chunked":
         return blocked_attention(query, key, value, scale=scale).astype(dtype)
     if implementation == "chunked":
         implementation = None  # masked attention (CLIP's 77 tokens) is small: no need to chunk

@@ -218,7 +218,7 @@ def test_chunked_feed_forward_matches_the_whole_feed_forward():
         return str(jax.make_jaxpr(lambda p: loss(module, p, x))(params))
 
     with jax.default_matmul_precision("highest"):
-        # One scan more than the plain block (the CPU's blocked attention scans too).
+        # One scan more than the plain block (the CPU attention loops too).
         assert jaxpr(chunked, x).count("scan[") == jaxpr(plain, x).count("scan[") + 1
         assert jaxpr(chunked, x[:, :1000]) == jaxpr(plain, x[:, :1000])
         l0, g0 = jax.jit(jax.value_and_grad(lambda p: loss(plain, p, x)))(params)

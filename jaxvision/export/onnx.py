@@ -168,7 +168,7 @@ def export_onnx(
 
     module, params, preprocessor = _resolve(model)
     # XLA's attention lowers to plain ONNX ops; the CPU default for long sequences
-    # (`layers.blocked_attention`, a scan over tiles) would not.
+    # (`layers.head_loop_attention`, a loop over (batch, head) pairs) would not.
     module = module.clone(attention_impl="xla")
     forward, names = _forward(module, params, layout)
     with _quiet_converter_logs():

@@ -83,3 +83,36 @@ def test_layers_conv_has_nn_conv_parameters():
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, plain.init(jax.random.key(1), x))
     with jax.default_matmul_precision("highest"):
         np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x), atol=1e-5)
+
+
+def test_train_steps_trace_native_convolutions():
+    """Inside `native_convolutions()` (which `make_train_step` enters while tracing) a conv the CPU
+    would run as im2col stays XLA's convolution: a train step's program has a convolution, the
+    same conv traced outside it has none."""
+    from jaxvision.train import mesh as mesh_lib
+    from jaxvision.train import optimizers
+    from jaxvision.train import state as state_lib
+    from jaxvision.train import step as step_lib
+
+    x = jnp.ones((2, 8, 8, 4))
+    w = jnp.ones((3, 3, 4, 4))
+    assert _form(x, w) == "im2col"
+    with conv.native_convolutions():
+        assert _form(x, w) is None
+    assert _form(x, w) == "im2col"
+
+    model = layers.conv(4, (3, 3), padding=((1, 1), (1, 1)))
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    params = nn.unbox(model.init(jax.random.key(0), x))["params"]
+    assert "convolution" not in forward.lower(params, x).as_text()
+
+    def loss_fn(params, batch, rng):
+        return jnp.mean(model.apply({"params": params}, batch["x"]) ** 2)
+
+    opt = optimizers.make_optimizer(optimizers.OptimizerConfig(learning_rate=0.1))
+    mesh = mesh_lib.make_mesh()
+    init = lambda rng: model.init(rng, x)["params"]  # noqa: E731
+    abstract_state, abstract_frozen = state_lib.abstract_train_state(init, opt, jax.random.key(0), mesh)
+    spec = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype)}
+    train_step = step_lib.make_train_step(loss_fn, opt, mesh, abstract_state, abstract_frozen, spec)
+    assert "convolution" in train_step.lowered.as_text()

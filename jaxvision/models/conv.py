@@ -2,7 +2,7 @@
 
 XLA:CPU's convolution kernel is slow on small feature maps with many channels. Measured in jax
 0.10 on this project's 2-core VM (fp32, batch 2, `benchmarks/NOTES.md` change 5): a 3×3 conv
-over 1280 channels runs at 55 GFLOP/s on 8×8 maps and 115 GFLOP/s on 16×16 maps, against
+over 1280 channels runs at 45-92 GFLOP/s on 8×8 maps and 94-141 GFLOP/s on 16×16 maps, against
 265 GFLOP/s for a square matmul. Rewritten as one matmul over the nine shifted copies of the input
 (im2col), the same convs run at 180-210 GFLOP/s. On 32×32 and larger maps the native kernel wins
 (about 220 GFLOP/s against 160). A 1×1 conv is a dot over the channels and runs 1.3-1.6× faster

@@ -104,7 +104,7 @@ def test_blocked_attention_matches_reference_and_its_gradient(q_len, kv_len):
     queries and masked padded keys, each query block rematerialised) is the same function as the
     reference, values and gradients: cross-attention to 77 tokens, 2 and 3 key blocks with a padded
     key, through the "chunked" seam. The CPU default (`implementation=None` above
-    `BLOCKED_MIN_LOGITS`: `head_loop_attention`, the last two cases) gives the same values."""
+    `LONG_ATTENTION_MIN_LOGITS`: `head_loop_attention`, the last two cases) gives the same values."""
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(k1, (1, q_len, 2, 8))
     k = jax.random.normal(k2, (1, kv_len, 2, 8))

@@ -56,7 +56,13 @@ def _matmul_form(
     feature_group_count: int,
 ) -> str | None:
     """The form that runs this conv: "dot" (1×1), "im2col" (3×3 on a small map), None (XLA's kernel)."""
-    if _NATIVE_ONLY.get() or jax.default_backend() != "cpu" or lhs.ndim != 4 or dimension_numbers != _NHWC:
+    if (
+        isinstance(padding, str)
+        or _NATIVE_ONLY.get()
+        or jax.default_backend() != "cpu"
+        or lhs.ndim != 4
+        or dimension_numbers != _NHWC
+    ):
         return None
     if tuple(window_strides) != (1, 1) or feature_group_count != 1:
         return None
@@ -102,11 +108,9 @@ class Conv2d:
         feature_group_count: int = 1,
         precision: lax.PrecisionLike = None,
     ) -> jax.Array:
-        form = None
-        if not isinstance(padding, str):
-            form = _matmul_form(
-                lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
-            )
+        form = _matmul_form(
+            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
+        )
         if form == "dot":
             return jnp.einsum("bhwc,co->bhwo", lhs, rhs[0, 0], precision=precision)
         if form == "im2col":

@@ -22,7 +22,7 @@ AttentionImpl = Literal["xla", "cudnn", "reference", "chunked"] | None
 ATTENTION_IMPLS = ("xla", "cudnn", "reference", "chunked")
 # Unmasked attention with at least this many logits per (batch, head) takes `head_loop_attention`
 # on CPU by default: ViT-L/16-384's 577² ≈ 0.33 M and SD's 4096² ≈ 16.8 M do, CLIP's masked 77² does not.
-BLOCKED_MIN_LOGITS = 1 << 18
+LONG_ATTENTION_MIN_LOGITS = 1 << 18
 
 # The logical axis vocabulary. A parameter axis is one of these or None (never sharded).
 EMBED = "embed"  # model width (residual stream / channel width)
@@ -274,6 +274,13 @@ def even_length_attention(
     return out[:, :q_len]
 
 
+def _balanced_blocks(length: int, largest: int) -> tuple[int, int]:
+    """`(count, size)`: the fewest blocks of at most `largest` covering `length`, made equal so the
+    last one needs little padding (577 tokens, largest 512 → 2 × 289)."""
+    count = -(-length // largest)
+    return count, -(-length // count)
+
+
 def blocked_attention(
     query: jax.Array,
     key: jax.Array,
@@ -304,8 +311,8 @@ def blocked_attention(
     b, q_len, h, d = query.shape
     kv_len = key.shape[1]
     scale = d**-0.5 if scale is None else scale
-    nq, nk = -(-q_len // block_q), -(-kv_len // block_k)
-    block_q, block_k = -(-q_len // nq), -(-kv_len // nk)  # balanced: little padding
+    nq, block_q = _balanced_blocks(q_len, block_q)
+    nk, block_k = _balanced_blocks(kv_len, block_k)
 
     def blocks(x: jax.Array, size: int, n: int) -> jax.Array:  # → [n, batch, heads, size, head_dim]
         x = jnp.pad(x, ((0, 0), (0, n * size - x.shape[1]), (0, 0), (0, 0)))
@@ -370,8 +377,7 @@ def head_loop_attention(
     b, q_len, h, d = query.shape
     kv_len = key.shape[1]
     scale = d**-0.5 if scale is None else scale
-    nq = -(-q_len // max(1, max_tile_logits // kv_len))
-    block_q = -(-q_len // nq)  # balanced: little padding
+    nq, block_q = _balanced_blocks(q_len, max(1, max_tile_logits // kv_len))
 
     def per_head(x: jax.Array) -> jax.Array:  # [batch, length, heads, dim] → [batch * heads, length, dim]
         return x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], x.shape[-1])
@@ -431,7 +437,7 @@ def attention(
         # attention, an fp32 upcast): those calls use XLA's attention, the rest stay fused.
         implementation = "xla"
     unmasked = bias is None and not is_causal
-    long_on_cpu = query.shape[1] * key.shape[1] >= BLOCKED_MIN_LOGITS and jax.default_backend() == "cpu"
+    long_on_cpu = query.shape[1] * key.shape[1] >= LONG_ATTENTION_MIN_LOGITS and jax.default_backend() == "cpu"
     if unmasked and implementation is None and long_on_cpu:
         return head_loop_attention(query, key, value, scale=scale).astype(dtype)
     if unmasked and implementation == "chunked":

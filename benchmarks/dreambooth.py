@@ -34,7 +34,7 @@ def step_jax(p: dict) -> list[dict[str, Any]]:
     import numpy as np
 
     from jaxvision.diffusion.components import load_components
-    from jaxvision.train import dreambooth as db
+    from jaxvision.trainers import dreambooth as db
     from jaxvision.train import sharding as sharding_lib
     from jaxvision.train.mesh import make_mesh
     from jaxvision.train.plan import plan_train_step

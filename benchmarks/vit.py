@@ -113,7 +113,7 @@ def finetune_jax(p: dict) -> list[dict[str, Any]]:
     import numpy as np
 
     from jaxvision.train import sharding as sharding_lib
-    from jaxvision.train import vit_finetune as ft
+    from jaxvision.trainers import vit_finetune as ft
     from jaxvision.train.config import load_config
     from jaxvision.train.mesh import make_mesh
     from jaxvision.train.plan import plan_train_step

@@ -190,11 +190,11 @@ def dreambooth(p: argparse.ArgumentParser) -> Runner:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from jaxvision.train import dreambooth as db
+        from jaxvision.trainers import dreambooth as db
 
         cfg = db.load(args.config, args.overrides)
         if args.init_demo:
-            from jaxvision.train.dreambooth_tiny import prepare_demo
+            from jaxvision.demo.tiny_sd import prepare_demo
 
             prepare_demo(cfg.model.path, cfg.data.instance_dir)
         print(json.dumps(db.run(cfg)))

@@ -20,7 +20,7 @@ import train_helpers
 
 from jaxvision import cli
 from jaxvision.train.config import load_config
-from jaxvision.train.vit_finetune import FinetuneConfig
+from jaxvision.trainers.vit_finetune import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "vit"

@@ -41,7 +41,7 @@ from jaxvision.errors import ConfigError, WeightLoadError
 from jaxvision.image import Preprocessor, load_image
 from jaxvision.models import vit
 from jaxvision.pretrained import spec_for_module
-from jaxvision.train import classification_data as data_lib
+from jaxvision.trainers.vit_finetune import data as data_lib
 from jaxvision.weights.safetensors_io import read_safetensors, write_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]

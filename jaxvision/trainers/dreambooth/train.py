@@ -33,10 +33,10 @@ from jaxvision.diffusion.ddpm import DDPMScheduler
 from jaxvision.diffusion.schedule import add_noise, get_velocity
 from jaxvision.errors import ConfigError
 from jaxvision.models.vae import DiagonalGaussian
-from jaxvision.train import dreambooth_outputs as outputs
+from jaxvision.trainers.dreambooth import outputs
 from jaxvision.train import lora as lora_lib
 from jaxvision.train.config import format_config, save_resolved, to_yaml
-from jaxvision.train.dreambooth_config import (  # noqa: F401 (re-exported: the trainer's schema and loader)
+from jaxvision.trainers.dreambooth.config import (  # noqa: F401 (re-exported: the trainer's schema and loader)
     PLAN_VARIANTS,
     DataSection,
     DreamBoothConfig,
@@ -349,8 +349,8 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = print) -> dict[st
     from jaxvision.diffusion.components import load_components
     from jaxvision.diffusion.pipeline import StableDiffusionPipeline
     from jaxvision.tokenizer import tokenize
-    from jaxvision.train import dreambooth_cache as cache_lib
-    from jaxvision.train import dreambooth_data as data_lib
+    from jaxvision.trainers.dreambooth import cache as cache_lib
+    from jaxvision.trainers.dreambooth import data as data_lib
     from jaxvision.train import sharding as sharding_lib
     from jaxvision.train.checkpoints import CheckpointConfig, Checkpointer
     from jaxvision.train.freeze import merge_params, partition_params

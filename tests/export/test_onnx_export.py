@@ -32,7 +32,7 @@ from jaxvision.export import onnx as onnx_export
 from jaxvision.image import Preprocessor, load_image
 
 TOL = onnx_export.CHECK_TOLERANCE  # 1e-4 of max(1, max |reference|), fp32
-ASSETS = Path(__file__).resolve().parents[1] / "jaxvision" / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "jaxvision" / "assets"
 DIGITS_MODEL = ASSETS / "digits-vit"
 DIGIT_IMAGES = sorted((ASSETS / "digits").glob("*.png"))
 

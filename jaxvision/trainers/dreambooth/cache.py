@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxvision.train.dreambooth_data import ImageSet, crop, to_model_range
+from jaxvision.trainers.dreambooth.data import ImageSet, crop, to_model_range
 
 
 class LatentCache:

@@ -21,13 +21,13 @@ from train_helpers import run_cli
 
 import jaxvision
 from jaxvision.errors import ConfigError
-from jaxvision.train import dreambooth as db
+from jaxvision.trainers import dreambooth as db
 from jaxvision.train import lora as lora_lib
 from jaxvision.train.freeze import merge_params
 from jaxvision.train.tracking import read_metrics
 from jaxvision.weights.safetensors_io import read_safetensors
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 TINY_CONFIG = ROOT / "configs" / "dreambooth" / "tiny.yaml"
 RES = 16  # the tiny UNet's sample_size 8 times the tiny VAE's factor 2
 BOTH = ("unet", "text_encoder")

@@ -32,10 +32,10 @@ from safetensors.numpy import load_file
 from jaxvision import cli
 from jaxvision.image import Preprocessor
 from jaxvision.pretrained import from_pretrained
-from jaxvision.train import classification_data as data_lib
+from jaxvision.trainers.vit_finetune import data as data_lib
 from jaxvision.train.tracking import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 CLASSES = ("cat", "dog", "zebra")
 COLORS = {"cat": (220, 40, 40), "dog": (40, 200, 60), "zebra": (30, 60, 230)}
 DIGITS_VIT = ROOT / "jaxvision" / "assets" / "digits-vit"

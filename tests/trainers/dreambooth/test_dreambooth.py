@@ -22,13 +22,13 @@ from train_helpers import FAST_COMPILE_FLAGS, run_cli
 
 import jaxvision
 from jaxvision.errors import ConfigError
-from jaxvision.train import dreambooth as db
-from jaxvision.train import dreambooth_data as data_lib
-from jaxvision.train import dreambooth_outputs as outputs
+from jaxvision.trainers import dreambooth as db
+from jaxvision.trainers.dreambooth import data as data_lib
+from jaxvision.trainers.dreambooth import outputs
 from jaxvision.train import optimizers
 from jaxvision.train.tracking import read_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 ASSETS = ROOT / "jaxvision" / "assets"
 # transformers v5 names the final norm without the `text_model.` prefix of the checkpoint keys.
 FINAL_NORM = "final_layer_norm.weight"
@@ -156,7 +156,7 @@ def test_cached_latents_and_text_embeddings_give_the_same_loss(tiny, jax_models)
     encoding pixels and prompts on the fly, with the same PRNG key (so the same posterior sample,
     noise and timesteps). Tolerance: 1e-5 relative (the VAE runs on other batch compositions)."""
     from jaxvision.diffusion.ddpm import DDPMScheduler
-    from jaxvision.train import dreambooth_cache as cache_lib
+    from jaxvision.trainers.dreambooth import cache as cache_lib
 
     directory, pipe = tiny
     unet, unet_params, text_encoder, te_params = jax_models
@@ -366,7 +366,7 @@ def plan_shipped_config(name: str, xla_flags: str = "", timeout: int = 600) -> d
     """`db.plan` of `configs/dreambooth/NAME.yaml` (no weights: `model.path` does not exist), in a
     subprocess so the XLA flags (fast compile, plus `xla_flags`) apply; returns the plan dict."""
     code = (
-        "import json; from jaxvision.train import dreambooth as db; "
+        "import json; from jaxvision.trainers import dreambooth as db; "
         f"cfg = db.load({str(ROOT / 'configs' / 'dreambooth' / f'{name}.yaml')!r}, ['model.path=/nonexistent']); "
         "print(json.dumps(db.plan(cfg)))"
     )

@@ -51,7 +51,7 @@ from jaxvision.errors import ConfigError
 from jaxvision.image import Preprocessor
 from jaxvision.models import vit
 from jaxvision.models.hf_config import read_config_json
-from jaxvision.train import classification_data as data_lib
+from jaxvision.trainers.vit_finetune import data as data_lib
 from jaxvision.train import sharding as sharding_lib
 from jaxvision.train.checkpoints import CheckpointConfig, Checkpointer
 from jaxvision.train.config import format_config, save_resolved, to_yaml
@@ -62,7 +62,7 @@ from jaxvision.train.plan import plan_train_step
 from jaxvision.train.state import abstract_train_state, create_train_state
 from jaxvision.train.step import TrainStep, host_metrics, make_train_step
 from jaxvision.train.tracking import Tracker
-from jaxvision.train.vit_finetune_config import (  # noqa: F401  (the schema is part of this module's API)
+from jaxvision.trainers.vit_finetune.config import (  # noqa: F401  (the schema is part of this module's API)
     DataSection,
     FinetuneConfig,
     FinetuneModelSection,

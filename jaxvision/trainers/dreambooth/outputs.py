@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxvision.train.dreambooth_config import DreamBoothConfig
+from jaxvision.trainers.dreambooth.config import DreamBoothConfig
 
 
 def export_model(cfg: DreamBoothConfig, comps: Any, params: dict, directory: Path) -> Path:

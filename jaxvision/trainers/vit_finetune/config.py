@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from jaxvision.models import vit
-from jaxvision.train import classification_data as data_lib
+from jaxvision.trainers.vit_finetune import data as data_lib
 from jaxvision.train.config import DTYPES, CheckpointSection, LogSection, MeshSection, TrainSection, require
 
 

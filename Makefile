@@ -1,5 +1,5 @@
-# jaxvision — the two entry points of the README: `make demo` and `make test`.
-# Both create ./.venv on first use and install what they need (pinned by constraints.txt).
+# jaxvision — the entry points of the README: `make demo`, `make test` and `make bench`.
+# Each creates ./.venv on first use and install what they need (pinned by constraints.txt).
 
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 # torch 2.13.0 is pinned: an unpinned torch would pull a multi-GB CUDA build.
 PIP := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test test-slow lint format clean
+.PHONY: demo test test-slow bench lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,12 @@ test: $(VENV)/.test
 
 test-slow: $(VENV)/.test
 	$(BIN)/pytest -q -m slow --durations=15
+
+# The quick benchmark suite (a few minutes on 2 cores: ViT-L/16-384 batch 1, tiny SD) against the
+# references it times in the same run: torch, transformers and diffusers, and open-clip's BPE file for
+# SD's tokenizer, which is everything the test install brings. The full CPU and GPU suites: README, Benchmarks.
+bench: $(VENV)/.test
+	$(BIN)/python -m benchmarks.run --quick
 
 lint: $(VENV)/.test
 	$(BIN)/ruff format --check . && $(BIN)/ruff check .

@@ -71,8 +71,7 @@ def tiny_sd() -> Path:
     """The test suite's tiny SD1-style pipeline (for smoke runs; its timings say nothing about SD)."""
 
     def write(directory: Path) -> None:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from fixtures.tiny_sd import write_tiny_sd
+        from jaxvision.testing.tiny_sd import write_tiny_sd
 
         write_tiny_sd(directory)
 

@@ -27,18 +27,19 @@ def setting(p: dict) -> str:
 
 
 def step_jax(p: dict) -> list[dict[str, Any]]:
-    """jaxvision's DreamBooth step (`dreambooth.compile_step`, the trainer's own), AOT-compiled with
+    """jaxvision's DreamBooth step (`trainers.dreambooth.train.compile_step`, the trainer's own), AOT-compiled with
     donated state; the memory plan is `plan_train_step`'s per-device bytes."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxvision.diffusion.components import load_components
-    from jaxvision.trainers import dreambooth as db
+    from jaxvision.models.kernels import platform_of
     from jaxvision.train import sharding as sharding_lib
     from jaxvision.train.mesh import make_mesh
     from jaxvision.train.plan import plan_train_step
     from jaxvision.train.state import create_train_state
+    from jaxvision.trainers import dreambooth as db
+    from jaxvision.trainers.dreambooth import train as db_train
 
     devices = p.get("devices", 1)
     if len(jax.devices()) != devices:
@@ -56,18 +57,14 @@ def step_jax(p: dict) -> list[dict[str, Any]]:
     if p.get("attention_impl"):
         overrides.append(f"model.attention_impl={p['attention_impl']}")
     cfg = db.load(str(CONFIG), overrides)
-    comps = load_components(cfg.model.path, **db.modules_kwargs(cfg))
-    module_kw = dict(remat_policy=cfg.train.remat_policy, attention_impl=cfg.model.attention_impl)
-    unet, text_encoder = comps.unet.clone(**module_kw), comps.text_encoder.clone(**module_kw)
     mesh = make_mesh(cfg.mesh)
-    vae, scheduler_config = comps.vae, comps.scheduler_config
-    (init_fn, optimizer, rng, step), compile_s = timed(
-        lambda: db.compile_step(cfg, mesh, unet, text_encoder, vae, scheduler_config)
-    )
+    nets = db_train.build_networks(cfg, platform_of(mesh))  # the trainer's own networks and kernels
+    comps, text_encoder = nets.components, nets.text_encoder
+    (init_fn, optimizer, rng, step), compile_s = timed(lambda n=nets: db_train.compile_step(cfg, mesh, n))
     base = {"unet": comps.unet_params, "text_encoder": comps.text_encoder_params, "vae": comps.vae_params}
     state, frozen = create_train_state(init_fn, optimizer, rng, mesh, params=base)
-    del base, comps
-    n, r = db.rows_per_step(cfg), cfg.data.resolution
+    del base, comps, nets
+    n, r = db_train.rows_per_step(cfg), cfg.data.resolution
     g = np.random.default_rng(0)
     batch = sharding_lib.shard_batch(
         {

@@ -10,7 +10,6 @@ so it includes the (once per image) text encoding and VAE decode.
 from __future__ import annotations
 
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +25,8 @@ def write_sd15(directory: Path) -> None:
     import torch
     import transformers
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from fixtures.clip_tokenizer import write_clip_tokenizer
-    from fixtures.tiny_sd import SD15_SCHEDULER
+    from jaxvision.diffusion.schedule import SD_SCHEDULER_CONFIG
+    from jaxvision.testing.clip_tokenizer import write_clip_tokenizer
 
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
@@ -61,7 +59,7 @@ def write_sd15(directory: Path) -> None:
         text_encoder=text,
         tokenizer=tokenizer,
         unet=unet,
-        scheduler=diffusers.PNDMScheduler.from_config(SD15_SCHEDULER),
+        scheduler=diffusers.PNDMScheduler.from_config(SD_SCHEDULER_CONFIG),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

@@ -101,7 +101,7 @@ def inference_torch(p: dict) -> list[dict[str, Any]]:
 
 
 def finetune_jax(p: dict) -> list[dict[str, Any]]:
-    """jaxvision's fine-tuning step (`vit_finetune.compile_step`, configs/vit/l16_384.yaml's recipe:
+    """jaxvision's fine-tuning step (`trainers.vit_finetune.train.compile_step`, configs/vit/l16_384.yaml's recipe:
     SGD + momentum, clipping, cosine schedule), one optimizer step on a batch of `p["batch"]`.
 
     Remat is off (`train.remat_policy=none`) so the step does the same work as the torch
@@ -112,12 +112,13 @@ def finetune_jax(p: dict) -> list[dict[str, Any]]:
     import jax
     import numpy as np
 
+    from jaxvision.models.kernels import platform_of
     from jaxvision.train import sharding as sharding_lib
-    from jaxvision.trainers import vit_finetune as ft
-    from jaxvision.train.config import load_config
     from jaxvision.train.mesh import make_mesh
     from jaxvision.train.plan import plan_train_step
     from jaxvision.train.state import create_train_state
+    from jaxvision.trainers import vit_finetune
+    from jaxvision.trainers.vit_finetune import train as ft
 
     config = Path(__file__).resolve().parents[1] / "configs" / "vit" / "l16_384.yaml"
     overrides = [
@@ -131,10 +132,10 @@ def finetune_jax(p: dict) -> list[dict[str, Any]]:
     ]
     if p.get("attention_impl"):
         overrides.append(f"model.attention_impl={p['attention_impl']}")
-    cfg = load_config(ft.FinetuneConfig, config, overrides)
+    cfg = vit_finetune.load(str(config), overrides)
     mesh = make_mesh(cfg.mesh)
     # 10 new classes: the head is replaced, as when fine-tuning on new data.
-    model = ft.build_model(cfg, tuple(f"class_{i}" for i in range(10)))
+    model = ft.build_model(cfg, tuple(f"class_{i}" for i in range(10)), platform_of(mesh))
     (optimizer, step), compile_s = timed(lambda: ft.compile_step(cfg, model, mesh))
     state, frozen = create_train_state(
         ft.init_fn_for(model), optimizer, jax.random.PRNGKey(0), mesh, params=model.params

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from jaxvision.errors import ConfigError, JaxVisionError
+from jaxvision.trainers import TRAINERS
 
 Runner = Callable[[argparse.Namespace], int]
 
@@ -190,14 +191,13 @@ def dreambooth(p: argparse.ArgumentParser) -> Runner:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from jaxvision.trainers import dreambooth as db
-
-        cfg = db.load(args.config, args.overrides)
+        trainer = TRAINERS["dreambooth"]
+        cfg = trainer.load(args.config, args.overrides)
         if args.init_demo:
             from jaxvision.demo.tiny_sd import prepare_demo
 
             prepare_demo(cfg.model.path, cfg.data.instance_dir)
-        print(json.dumps(db.run(cfg)))
+        print(json.dumps(trainer.run(cfg)))
         return 0
 
     return run
@@ -209,62 +209,52 @@ def finetune(p: argparse.ArgumentParser) -> Runner:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=500")
 
     def run(args: argparse.Namespace) -> int:
-        from jaxvision.train import vit_finetune
-        from jaxvision.train.config import load_config
-
-        cfg = load_config(vit_finetune.FinetuneConfig, args.config, args.overrides)
-        vit_finetune.run(cfg)
+        trainer = TRAINERS["finetune"]
+        trainer.run(trainer.load(args.config, args.overrides))
         return 0
 
     return run
 
 
-# trainer name → (module, schema class name); each module has `plan(config) -> dict`.
-PLANNERS = {
-    "finetune": ("jaxvision.train.vit_finetune", "FinetuneConfig"),
-    "dreambooth": ("jaxvision.train.dreambooth", "DreamBoothConfig"),
-}
-
-
 def plan(p: argparse.ArgumentParser) -> Runner:
     """Memory plan of a trainer's compiled train step (per-device bytes), without running it."""
+    from jaxvision.models.kernels import PLATFORMS
+
     p.add_argument("--config", required=True, help="the trainer's YAML run config")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. mesh.fsdp=8")
     p.add_argument(
         "--trainer",
-        choices=sorted(PLANNERS),
+        choices=sorted(TRAINERS),
         help="which trainer's step (default: the one whose schema the config fits)",
+    )
+    p.add_argument(
+        "--platform",
+        choices=PLATFORMS,
+        help="plan the program this platform would run (its kernels), compiled on the devices present "
+        "(default: their platform)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
 
     def run(args: argparse.Namespace) -> int:
-        import importlib
-
-        from jaxvision.train.config import load_config
-
         if args.trainer:
-            trainer = importlib.import_module(PLANNERS[args.trainer][0])
-            cfg = load_config(getattr(trainer, PLANNERS[args.trainer][1]), args.config, args.overrides)
+            name, cfg = args.trainer, TRAINERS[args.trainer].load(args.config, args.overrides)
         else:
             # the trainer whose schema the config fits (unknown keys fail the other schemas)
             fits, errors = [], []
-            for name, (module_name, schema_name) in sorted(PLANNERS.items()):
-                trainer = importlib.import_module(module_name)
+            for candidate, trainer in sorted(TRAINERS.items()):
                 try:
-                    fits.append(
-                        (name, trainer, load_config(getattr(trainer, schema_name), args.config, args.overrides))
-                    )
+                    fits.append((candidate, trainer.load(args.config, args.overrides)))
                 except ConfigError as e:
-                    errors.append(f"  as a {name} config: {e}")
+                    errors.append(f"  as a {candidate} config: {e}")
             if len(fits) != 1:
                 reason = "\n".join(errors) if not fits else f"  it fits {[f[0] for f in fits]}; pass --trainer"
                 raise ConfigError(f"{args.config}: cannot tell which trainer to plan:\n{reason}")
-            args.trainer, trainer, cfg = fits[0]
-        result = trainer.plan(cfg)
+            name, cfg = fits[0]
+        result = TRAINERS[name].plan(cfg, platform=args.platform)
         if args.json:
             print(json.dumps(result))
             return 0
-        print(f"{args.trainer} train step on {result['devices']} device(s), per device:")
+        print(f"{name} train step on {result['devices']} device(s), per device:")
         for key, value in result["per_device_bytes"].items():
             print(f"  {key:<10} {value / 2**20:12.1f} MiB")
         return 0

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvision.errors import ConfigError
+from jaxvision.models import kernels
 from jaxvision.models.hf_config import read_config_json
 from jaxvision.weights.checkpoint_files import read_state_dict
 from jaxvision.weights.clip_text_keys import SPEC as CLIP_TEXT_SPEC
@@ -30,11 +31,6 @@ from jaxvision.weights.vit_keys import SPEC as VIT_SPEC
 
 # One entry per family; each *_keys module defines its SPEC next to its key table.
 SPECS: list[ModelSpec] = [VIT_SPEC, CLIP_TEXT_SPEC, VAE_SPEC, UNET_SPEC]
-
-
-def register(spec: ModelSpec) -> None:
-    """Adds a family (the SD components register themselves from their modules)."""
-    SPECS.append(spec)
 
 
 def spec_for_config(cfg: dict, source: str) -> ModelSpec:
@@ -61,6 +57,30 @@ def param_template(spec: ModelSpec, module: nn.Module) -> dict:
     return jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"]
 
 
+def build_module(spec: ModelSpec, config: Any, **module_kwargs: Any) -> nn.Module:
+    """`spec`'s module for `config`, its kernels resolved for the default devices.
+
+    `attention_impl` / `conv_impl` left out or "auto" are resolved by `kernels.resolve` for the
+    platform of `jax.devices()` with the inference rules (on a CPU: "cpu" attention and "matmul"
+    convolutions, its fastest forms); explicit values are kept. A caller that will run the module
+    elsewhere sets its own with `kernels.with_kernels`.
+
+    Args:
+      module_kwargs: module attributes (`dtype`, `param_dtype`, `remat_policy`, `attention_impl`,
+        `conv_impl`, ...).
+    """
+    explicit = {name: module_kwargs.pop(name) for name in ("attention_impl", "conv_impl") if name in module_kwargs}
+    chosen = kernels.resolve(
+        kernels.platform_of(),
+        attention=explicit.get("attention_impl", "auto"),
+        conv=explicit.get("conv_impl", "auto"),
+        dtype=module_kwargs.get("dtype", jnp.float32),
+    )
+    # Explicit kernels go to the constructor too, so a field the model lacks is an error there.
+    module = spec.build(config, **module_kwargs, **explicit)
+    return kernels.with_kernels(module, chosen)
+
+
 def from_pretrained(
     path: str | Path,
     *,
@@ -79,7 +99,8 @@ def from_pretrained(
       dtype: compute dtype; param_dtype: storage dtype of the returned params.
       allow_pickle: permit PyTorch `.bin` weights (read with `torch.load(weights_only=True)`).
       variant: e.g. "fp16" to read `*.fp16.safetensors`.
-      module_kwargs: extra module attributes (`remat_policy`, `attention_impl`).
+      module_kwargs: extra module attributes (`remat_policy`, `attention_impl`, `conv_impl`, ...).
+        Kernels left out or "auto" are resolved for the default devices (`build_module`).
     Returns:
       `(module, params)`; run with `module.apply({"params": params}, ...)`.
     """
@@ -88,7 +109,7 @@ def from_pretrained(
     source = str(path / "config.json")
     spec = spec_for_config(cfg, source)
     config = spec.config_from_hf(cfg, source)
-    module = spec.build(config, dtype=dtype, param_dtype=param_dtype, **module_kwargs)
+    module = build_module(spec, config, dtype=dtype, param_dtype=param_dtype, **module_kwargs)
     state, weights_file = read_state_dict(path, allow_pickle=allow_pickle, variant=variant)
     if spec.normalize_state is not None:
         state = spec.normalize_state(config, state)

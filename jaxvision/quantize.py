@@ -272,20 +272,21 @@ def load_quantized(path: str | Path, **module_kwargs: Any) -> QuantizedModel:
 
     Args:
       path: the folder.
-      module_kwargs: module attributes, as for `from_pretrained` (`dtype`, `attention_impl`, ...).
+      module_kwargs: module attributes, as for `from_pretrained` (`dtype`, `attention_impl`, ...);
+        kernels left "auto" are resolved for the default devices.
 
     Raises:
       WeightLoadError: not a quantized folder, or a tensor missing, extra, or of the wrong dtype/shape.
     """
     from jaxvision.models.hf_config import read_config_json
-    from jaxvision.pretrained import spec_for_config
+    from jaxvision.pretrained import build_module, spec_for_config
     from jaxvision.weights.safetensors_io import read_safetensors
 
     path = Path(path)
     info = _read_info(path)
     cfg = read_config_json(path)
     spec = spec_for_config(cfg, str(path / "config.json"))
-    module = spec.build(spec.config_from_hf(cfg, str(path / "config.json")), **module_kwargs)
+    module = build_module(spec, spec.config_from_hf(cfg, str(path / "config.json")), **module_kwargs)
     paths = tuple(info["quantized_modules"])
     qmodule = quantized_module(module, info["mode"], paths)
     abstract = _abstract_params(qmodule, spec)

@@ -86,3 +86,19 @@ def tokenize(tokenizer: Any, prompts: str | Sequence[str], max_length: int | Non
         return np.zeros((0, max_length), np.int32)
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True).input_ids
     return np.asarray(ids, dtype=np.int32).reshape(len(prompts), max_length)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible map of the 256 bytes to printable characters.
+
+    Its values, in order, are the first 256 entries of CLIP's vocabulary (the byte symbols).
+    """
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs), strict=True))

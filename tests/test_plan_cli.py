@@ -61,6 +61,7 @@ def plans(config_only_model):
     procs = {
         "data8": run_plan(*common, "mesh.data=-1", "mesh.fsdp=1"),
         "fsdp8": run_plan(*common, "mesh.data=1", "mesh.fsdp=-1"),
+        "gpu_data8": run_plan(*common, "mesh.data=-1", "mesh.fsdp=1", "--platform", "gpu"),
     }
     out = {}
     for name, proc in procs.items():
@@ -71,11 +72,12 @@ def plans(config_only_model):
             raise
         assert proc.returncode == 0, stderr[-3000:]
         out[name] = json.loads(stdout)  # stdout is exactly one JSON object
+        out[f"{name}_log"] = stderr
     return out
 
 
 def test_plan_json_has_exactly_the_documented_keys(plans):
-    for plan in plans.values():
+    for plan in (v for k, v in plans.items() if not k.endswith("_log")):
         assert set(plan) == {"devices", "per_device_bytes"} and plan["devices"] == 8
         assert set(plan["per_device_bytes"]) == {"params", "opt_state", "temp", "total"}
         assert all(isinstance(v, int) and v > 0 for v in plan["per_device_bytes"].values())
@@ -90,6 +92,33 @@ def test_fsdp_cuts_params_and_optimizer_state_per_device(plans):
         ratio = sharded[key] / full[key]
         assert 0.12 < ratio < 0.13, (key, ratio)
     assert sharded["total"] < full["total"]
+
+
+def test_plan_for_another_platform_uses_that_platforms_kernels(plans):
+    """`--platform gpu` on this CPU host plans the program a GPU would run: the kernels are chosen
+    for the GPU (fp32 attention: JAX's `dot_product_attention`, which materialises the 577 x 577
+    logits) and printed, where the CPU plan runs its head-by-head attention; the weights and
+    optimizer state are the same, the temporaries are not."""
+    assert "plan for cpu: attention=cpu conv=xla" in plans["data8_log"]
+    assert "plan for gpu: attention=None conv=xla" in plans["gpu_data8_log"]
+    cpu, gpu = plans["data8"]["per_device_bytes"], plans["gpu_data8"]["per_device_bytes"]
+    assert (cpu["params"], cpu["opt_state"]) == (gpu["params"], gpu["opt_state"])
+    assert cpu["temp"] != gpu["temp"]
+
+
+def test_a_kernel_the_host_cannot_compile_is_planned_with_a_stand_in():
+    """cuDNN's attention (a GPU plan in bf16) cannot compile on a CPU: the plan compiles the chunked
+    attention in its place, and says so."""
+    from jaxvision.models import kernels
+    from jaxvision.train.plan import describe_kernels
+
+    chosen = kernels.resolve("gpu", dtype="bfloat16", training=True)
+    compiled = kernels.compilable_here(chosen, "cpu")
+    assert (chosen.attention, compiled.attention) == ("cudnn", "chunked")
+    assert describe_kernels("gpu", chosen, compiled) == (
+        "plan for gpu: attention=cudnn conv=xla (planned with attention=chunked: cuDNN cannot compile here)"
+    )
+    assert kernels.compilable_here(chosen, "gpu") == chosen
 
 
 def test_config_files_load_and_variants_override_the_base():

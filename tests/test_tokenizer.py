@@ -1,15 +1,15 @@
 """Prompt tokenisation: the ids Stable Diffusion's pipelines feed the text encoder.
 
-The tokenizer folders hold CLIP's real BPE vocabulary (see `fixtures/clip_tokenizer.py`), so ids
+The tokenizer folders hold CLIP's real BPE vocabulary (see `jaxvision/testing/clip_tokenizer.py`), so ids
 are those of the `openai/clip-vit-large-patch14` tokenizer that SD checkpoints ship.
 """
 
 import numpy as np
 import pytest
 import transformers
-from fixtures.clip_tokenizer import write_clip_tokenizer
 
 from jaxvision.errors import ConfigError
+from jaxvision.testing.clip_tokenizer import write_clip_tokenizer
 from jaxvision.tokenizer import load_tokenizer, tokenize
 
 PROMPTS = [

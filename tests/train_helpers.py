@@ -262,13 +262,10 @@ def scenario_multihost(out: Path, port: int, process_id: int, steps: int) -> Non
         (out / "done.json").write_text(json.dumps({"devices": len(jax.devices())}))
 
 
-def run_cli(tmp: Path, *argv: str) -> tuple[dict, str]:
-    """Runs `python -m jaxvision ARGV...`; returns the JSON summary it prints last, and its stdout.
-
-    A subprocess lets the fast-compile flags apply (every run compiles its own step), and the runs of
-    one test module share compiled programs through a persistent compilation cache under `tmp`.
-    """
-    env = {
+def cli_env(tmp: Path) -> dict[str, str]:
+    """The environment of a CLI subprocess: CPU, the fast-compile flags, and a persistent
+    compilation cache under `tmp` that the runs of one test module share."""
+    return {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": FAST_COMPILE_FLAGS,
@@ -276,11 +273,33 @@ def run_cli(tmp: Path, *argv: str) -> tuple[dict, str]:
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
+
+
+def run_cli(tmp: Path, *argv: str) -> tuple[dict, str]:
+    """Runs `python -m jaxvision ARGV...`; returns the JSON summary it prints last (stdout), and
+    everything it printed (stdout, then the progress messages process 0 writes to stderr).
+
+    A subprocess lets the fast-compile flags apply (every run compiles its own step), and the runs of
+    one test module share compiled programs through a persistent compilation cache under `tmp`.
+    """
     proc = subprocess.run(
-        [sys.executable, "-m", "jaxvision", *argv], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "jaxvision", *argv], env=cli_env(tmp), capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout + proc.stderr
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """`{relative path: sha256}` of every file under `folder` (empty when it does not exist)."""
+    import hashlib
+
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 if __name__ == "__main__":

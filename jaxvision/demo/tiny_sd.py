@@ -2,9 +2,9 @@
 
 Everything is written by jaxvision's own code (`save_components`), offline and without torch: the
 UNet, text encoder and VAE are the "tiny" variants of `jaxvision.models` with random weights
-(their outputs are meaningless; the demo says so), the scheduler config is SD 1.5's, and the
-tokenizer is a byte-level CLIP tokenizer: the 256 byte symbols, their end-of-word forms and
-CLIP's two special tokens, with no merges. transformers' `CLIPTokenizer` and diffusers' pipeline
+(their outputs are meaningless; the demo says so), the scheduler config is SD's own
+(`SD_SCHEDULER_CONFIG`), and the tokenizer is a byte-level CLIP tokenizer: the 256 byte symbols,
+their end-of-word forms and CLIP's two special tokens, with no merges. transformers' `CLIPTokenizer` and diffusers' pipeline
 load it like any other (every word becomes one token per character), so no vocabulary download
 is needed; real checkpoints ship CLIP's full 49408-token vocabulary instead.
 """
@@ -17,41 +17,17 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-    "trained_betas": None,
-}
+from jaxvision.diffusion.schedule import SD_SCHEDULER_CONFIG
+from jaxvision.tokenizer import bytes_to_unicode
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's printable stand-ins for the 256 bytes, in CLIP's vocabulary order."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def write_byte_tokenizer(directory: str | Path) -> int:
     """Writes a merge-free CLIP tokenizer folder; returns its vocabulary size (514)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    symbols = _bytes_to_unicode()
+    symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + [BOS, EOS]
     (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (directory / "merges.txt").write_text("#version: 0.2\n")
@@ -102,7 +78,7 @@ def write_tiny_sd(directory: str | Path, *, seed: int = 0, prediction_type: str 
         modules[2],
         params[2],
         load_tokenizer(directory / "tokenizer"),
-        {**SD15_SCHEDULER, "prediction_type": prediction_type},
+        {**SD_SCHEDULER_CONFIG, "prediction_type": prediction_type},
         directory,
     )
     save_components(comps, directory)

@@ -1,8 +1,8 @@
 """Euler and Euler-ancestral samplers of Karras et al. (k-diffusion), matching diffusers'
 `EulerDiscreteScheduler` and `EulerAncestralDiscreteScheduler`.
 
-Both work on the sigma parameterisation: the start noise is scaled by `init_noise_sigma` and the
-model input by `1 / sqrt(sigma^2 + 1)` (`scale_model_input`).
+Both work on the sigma parameterisation (`sigmas.SigmaScheduler`: the start noise is scaled by
+`init_noise_sigma`, the model input by `1 / sqrt(sigma^2 + 1)`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvision.diffusion import schedule
+from jaxvision.diffusion import sigmas as sigmas_lib
 from jaxvision.diffusion.prediction import sigma_to_x0
 
 
@@ -34,47 +35,13 @@ class SigmaState:
     init_noise_sigma: jnp.ndarray
 
 
-def init_noise_sigma(sigmas: np.ndarray, timestep_spacing: str) -> np.float32:
-    """diffusers' `init_noise_sigma`: max sigma, or sqrt(max^2 + 1) for "leading" spacing."""
-    max_sigma = np.float32(sigmas.max())
-    if timestep_spacing in ("linspace", "trailing"):
-        return max_sigma
-    return np.float32((max_sigma * max_sigma + np.float32(1)) ** np.float32(0.5))
-
-
-def scale_by_sigma(state: SigmaState, sample: jnp.ndarray, step_index: jnp.ndarray) -> jnp.ndarray:
-    """`sample / sqrt(sigma^2 + 1)`: the model input for the sigma schedulers."""
-    sigma = state.sigmas[step_index]
-    return sample / (sigma**2 + 1) ** 0.5
-
-
-def add_noise_by_sigma(
-    state: SigmaState, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
-) -> jnp.ndarray:
-    """`x + sigma_i * noise`: the sigma schedulers' `add_noise` at the begin index (image-to-image).
-
-    diffusers' Euler / Euler-ancestral / LMS `add_noise` take sigma at `begin_index` once a pipeline
-    has called `set_begin_index`, whatever timestep value it is handed.
-
-    Args:
-        state: from `set_timesteps`.
-        original_samples: `[batch, ...]` clean samples.
-        noise: standard-normal noise shaped like `original_samples`.
-        step_index: int scalar (may be traced).
-
-    Returns:
-        The noisy samples, shaped like `original_samples`.
-    """
-    return original_samples + noise * state.sigmas[step_index]
-
-
 def _interpolated_sigmas(alphas_cumprod: np.ndarray, timesteps: np.ndarray) -> np.ndarray:
     sigmas = schedule.train_sigmas(alphas_cumprod)
     return np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerDiscreteScheduler(schedule.SchedulerConfig):
+class EulerDiscreteScheduler(sigmas_lib.SigmaScheduler, schedule.SchedulerConfig):
     """diffusers' `EulerDiscreteScheduler.__init__` arguments, with its defaults.
 
     Supported beyond the SD defaults: `use_karras_sigmas`, `final_sigmas_type="sigma_min"`,
@@ -130,23 +97,8 @@ class EulerDiscreteScheduler(schedule.SchedulerConfig):
         return SigmaState(
             timesteps=schedule.f32(timesteps),
             sigmas=schedule.f32(sigmas),
-            init_noise_sigma=schedule.f32(init_noise_sigma(sigmas, self.timestep_spacing)),
+            init_noise_sigma=schedule.f32(sigmas_lib.init_noise_sigma(sigmas, self.timestep_spacing)),
         )
-
-    def set_begin_index(self, state: SigmaState, begin_index: int) -> SigmaState:
-        """Starting mid-schedule (image-to-image) changes nothing: each step reads sigma at its index."""
-        del begin_index
-        return state
-
-    def add_noise_at(
-        self, state: SigmaState, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
-    ) -> jnp.ndarray:
-        """`original_samples + sigmas[step_index] * noise` (see `add_noise_by_sigma`)."""
-        return add_noise_by_sigma(state, original_samples, noise, step_index)
-
-    def scale_model_input(self, state: SigmaState, sample: jnp.ndarray, step_index: jnp.ndarray) -> jnp.ndarray:
-        """`sample / sqrt(sigma^2 + 1)` at this step."""
-        return scale_by_sigma(state, sample, step_index)
 
     def step(
         self,
@@ -178,7 +130,7 @@ class EulerDiscreteScheduler(schedule.SchedulerConfig):
 
 
 @dataclasses.dataclass(frozen=True)
-class EulerAncestralDiscreteScheduler(schedule.SchedulerConfig):
+class EulerAncestralDiscreteScheduler(sigmas_lib.SigmaScheduler, schedule.SchedulerConfig):
     """diffusers' `EulerAncestralDiscreteScheduler.__init__` arguments, with its defaults."""
 
     diffusers_class: ClassVar[str] = "EulerAncestralDiscreteScheduler"
@@ -209,23 +161,8 @@ class EulerAncestralDiscreteScheduler(schedule.SchedulerConfig):
         return SigmaState(
             timesteps=schedule.f32(timesteps),
             sigmas=schedule.f32(sigmas),
-            init_noise_sigma=schedule.f32(init_noise_sigma(sigmas, self.timestep_spacing)),
+            init_noise_sigma=schedule.f32(sigmas_lib.init_noise_sigma(sigmas, self.timestep_spacing)),
         )
-
-    def set_begin_index(self, state: SigmaState, begin_index: int) -> SigmaState:
-        """Starting mid-schedule (image-to-image) changes nothing: each step reads sigma at its index."""
-        del begin_index
-        return state
-
-    def add_noise_at(
-        self, state: SigmaState, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
-    ) -> jnp.ndarray:
-        """`original_samples + sigmas[step_index] * noise` (see `add_noise_by_sigma`)."""
-        return add_noise_by_sigma(state, original_samples, noise, step_index)
-
-    def scale_model_input(self, state: SigmaState, sample: jnp.ndarray, step_index: jnp.ndarray) -> jnp.ndarray:
-        """`sample / sqrt(sigma^2 + 1)` at this step."""
-        return scale_by_sigma(state, sample, step_index)
 
     def step(
         self,

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.polynomial import polynomial as P
 
 from jaxvision.diffusion import schedule
-from jaxvision.diffusion.euler import add_noise_by_sigma, init_noise_sigma, scale_by_sigma
+from jaxvision.diffusion import sigmas as sigmas_lib
 from jaxvision.diffusion.prediction import sigma_to_x0
 
 ORDER = 4
@@ -61,7 +61,7 @@ def lms_coefficients(sigmas: np.ndarray, order: int = ORDER) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class LMSDiscreteScheduler(schedule.SchedulerConfig):
+class LMSDiscreteScheduler(sigmas_lib.SigmaScheduler, schedule.SchedulerConfig):
     """diffusers' `LMSDiscreteScheduler.__init__` arguments, with its defaults."""
 
     diffusers_class: ClassVar[str] = "LMSDiscreteScheduler"
@@ -102,25 +102,8 @@ class LMSDiscreteScheduler(schedule.SchedulerConfig):
             sigmas=schedule.f32(sigmas),
             coeffs=schedule.f32(lms_coefficients(sigmas)),
             derivatives=jnp.zeros((ORDER, *sample_shape), jnp.float32),
-            init_noise_sigma=schedule.f32(init_noise_sigma(sigmas, self.timestep_spacing)),
+            init_noise_sigma=schedule.f32(sigmas_lib.init_noise_sigma(sigmas, self.timestep_spacing)),
         )
-
-    def set_begin_index(self, state: LMSState, begin_index: int) -> LMSState:
-        """Starting mid-schedule (image-to-image) needs no change: like diffusers, step `i` uses the
-        order-min(i + 1, 4) coefficients, and the history slots not yet filled hold zeros, which
-        drop the terms diffusers' shorter derivative list leaves out."""
-        del begin_index
-        return state
-
-    def add_noise_at(
-        self, state: LMSState, original_samples: jnp.ndarray, noise: jnp.ndarray, step_index: int | jnp.ndarray
-    ) -> jnp.ndarray:
-        """`original_samples + sigmas[step_index] * noise` (see `euler.add_noise_by_sigma`)."""
-        return add_noise_by_sigma(state, original_samples, noise, step_index)
-
-    def scale_model_input(self, state: LMSState, sample: jnp.ndarray, step_index: jnp.ndarray) -> jnp.ndarray:
-        """`sample / sqrt(sigma^2 + 1)` at this step."""
-        return scale_by_sigma(state, sample, step_index)
 
     def step(
         self,

@@ -7,8 +7,11 @@ scales and init images reuse the compiled program; it compiles once per (batch, 
 steps, scheduler, CFG on/off, start step). Image-to-image (`image=`, `strength=`) encodes the
 init images with the VAE, noises them to the start step (`scheduler.add_noise_at`) and runs the
 same loop from that step, all in the same program, as diffusers' `StableDiffusionImg2ImgPipeline`.
-Batches are sharded over all devices along a "data" mesh axis with `NamedSharding`; params are
-replicated.
+Batches are sharded over all devices along a "data" mesh axis with `NamedSharding` (a batch that
+does not divide over the devices is padded with copies of its last row, which are dropped from the
+output); params are replicated. The attention and convolution kernels are chosen for the mesh's
+device platform (`jaxvision.models.kernels.resolve`), so one pipeline object compiles the right
+program for whichever mesh it is called with.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from jaxvision.diffusion.components import StableDiffusionComponents, load_compo
 from jaxvision.diffusion.ddpm import DDPMScheduler
 from jaxvision.diffusion.euler import EulerAncestralDiscreteScheduler
 from jaxvision.diffusion.registry import SCHEDULERS, make_scheduler
+from jaxvision.models import kernels
 from jaxvision.tokenizer import tokenize
 
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -122,8 +126,25 @@ class StableDiffusionPipeline:
     `strength=` it mirrors `StableDiffusionImg2ImgPipeline.__call__`.
     """
 
-    def __init__(self, components: StableDiffusionComponents, *, default_scheduler: str | None = None):
+    def __init__(
+        self,
+        components: StableDiffusionComponents,
+        *,
+        default_scheduler: str | None = None,
+        mesh: Mesh | None = None,
+        attention_impl: str | None = "auto",
+        conv_impl: str = "auto",
+    ):
+        """Args:
+        components: the loaded networks, tokenizer and scheduler config.
+        default_scheduler: the sampler's name when a call gives none (default: the checkpoint's).
+        mesh: the default 1-axis ("data",) mesh of the calls (default: all devices).
+        attention_impl, conv_impl: kernel choices; "auto" picks them for the mesh's platform.
+        """
         self.components = components
+        self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()), ("data",))
+        self.attention_impl = attention_impl
+        self.conv_impl = conv_impl
         self.params = {
             "text_encoder": components.text_encoder_params,
             "unet": components.unet_params,
@@ -139,17 +160,32 @@ class StableDiffusionPipeline:
         `tokenizer/`, `scheduler/`); kwargs go to `load_components` (dtype, param_dtype, variant)."""
         return cls(load_components(path, **kwargs))
 
+    def _networks(self, mesh: Mesh) -> tuple[Any, Any, Any]:
+        """The text encoder, UNet and VAE with the kernels chosen for `mesh`'s platform."""
+        c = self.components
+        platform = kernels.platform_of(mesh)
+        chosen = [
+            kernels.resolve(platform, attention=self.attention_impl, conv=self.conv_impl, dtype=m.dtype)
+            for m in (c.text_encoder, c.unet, c.vae)
+        ]
+        text_encoder, unet, vae = (
+            kernels.with_kernels(m, k) for m, k in zip((c.text_encoder, c.unet, c.vae), chosen, strict=True)
+        )
+        return text_encoder, unet, vae
+
     def _sampler(self, key: tuple, mesh: Mesh) -> Any:
+        key = (*key, mesh)  # a program is compiled for its mesh (devices and kernels)
         if key not in self._compiled:
             scheduler, num_loop_steps, do_cfg, start_index, init_mode = key[:5]
             c = self.components
+            text_encoder, unet, vae = self._networks(mesh)
 
             def traced(*args):
                 self.trace_count += 1
                 return _sample(
-                    c.text_encoder,
-                    c.unet,
-                    c.vae,
+                    text_encoder,
+                    unet,
+                    vae,
                     scheduler,
                     num_loop_steps,
                     do_cfg,
@@ -204,7 +240,8 @@ class StableDiffusionPipeline:
             diffusers' img2img draws from its generator (pass it to reproduce a run exactly).
           output_type: "pil" (list of PIL images), "np" (`[batch, H, W, 3]` floats in [0, 1]) or
             "latent" (the final latents before VAE decoding).
-          mesh: a 1-axis ("data",) mesh; default all devices.
+          mesh: a 1-axis ("data",) mesh; default the pipeline's (all devices). A batch that does
+            not divide over it is padded and the padding dropped from the result.
           image: init image(s) for image-to-image: a PIL image or a list of them (converted to
             RGB and resized with Lanczos to (width, height), or to their own size rounded down
             to a multiple of 8, as diffusers' `VaeImageProcessor`), or float32 `[H, W, 3]` /
@@ -248,37 +285,45 @@ class StableDiffusionPipeline:
         name = scheduler or self.default_scheduler
         if name not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {name!r}; valid names are {sorted(SCHEDULERS)}")
-        sched = make_scheduler(name, c.scheduler_config)
         shape = (batch, height // factor, width // factor, c.unet.config.in_channels)
+        seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else list(seed)
+        if len(seeds) != batch:
+            raise ValueError(f"got {len(seeds)} seeds for {batch} images")
+        if latents is not None:
+            latents = jnp.asarray(latents, jnp.float32)
+            if latents.shape != shape:
+                raise ValueError(f"latents must have shape {shape} (NHWC), got {latents.shape}")
+        # Pad the batch to a multiple of the devices with copies of the last row (dropped below):
+        # an image depends only on its own seed and prompt, so the real rows are unchanged.
+        mesh = mesh if mesh is not None else self.mesh
+        pad = -batch % mesh.size
+        if pad:
+            prompts, negatives, seeds = (x + x[-1:] * pad for x in (prompts, negatives, seeds))
+            if latents is not None:
+                latents = jnp.concatenate([latents, jnp.repeat(latents[-1:], pad, axis=0)])
+            if init is not None:
+                init = jnp.concatenate([init, jnp.repeat(init[-1:], pad, axis=0)])
+            shape = (batch + pad, *shape[1:])
+        sched = make_scheduler(name, c.scheduler_config)
         state = sched.set_timesteps(num_inference_steps, shape)
         num_loop_steps = int(state.timesteps.shape[0])
         start_index = 0
         if image is not None:
             start_index = _start_index(num_inference_steps, strength) * sched.order
             state = sched.set_begin_index(state, start_index)
-
-        seeds = [seed + i for i in range(batch)] if isinstance(seed, int) else list(seed)
-        if len(seeds) != batch:
-            raise ValueError(f"got {len(seeds)} seeds for {batch} images")
         keys = jnp.stack([jax.random.key(s) for s in seeds])
         if latents is None:
             latents = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, START_NOISE), shape[1:]))(keys)
-        else:
-            latents = jnp.asarray(latents, jnp.float32)
-            if latents.shape != shape:
-                raise ValueError(f"latents must have shape {shape} (NHWC), got {latents.shape}")
         if init_mode is None:
             latents = latents * state.init_noise_sigma  # image-to-image noise is scaled by add_noise_at
 
         do_cfg = guidance_scale > 1.0
-        mesh = mesh or Mesh(np.array(jax.devices()), ("data",))
-        if batch % mesh.size:
-            raise ValueError(f"the batch ({batch} images) must divide evenly over the {mesh.size} devices")
         sampler = self._sampler((sched, num_loop_steps, do_cfg, start_index, init_mode, shape), mesh)
         input_ids = tokenize(c.tokenizer, prompts)
         uncond_ids = tokenize(c.tokenizer, negatives)
         args = (self.params, input_ids, uncond_ids, latents, jnp.float32(guidance_scale), state, keys)
         final, images = sampler(*args, *(() if init is None else (init,)))
+        final, images = final[:batch], images[:batch]
         if output_type == "latent":
             return np.asarray(final)
         images = np.asarray(images)

@@ -22,6 +22,25 @@ from jaxvision.errors import ConfigError
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
+# Stable Diffusion 1.x / 2.x's training schedule: `scheduler/scheduler_config.json` as
+# stabilityai/stable-diffusion-2-1-base ships it (runwayml/stable-diffusion-v1-5's differs only in
+# leaving `prediction_type` to its default, epsilon). Like the real file it has no
+# `timestep_spacing`: diffusers then lists that key in `_use_default_values`, so a config
+# converted to another scheduler class takes that class's own default spacing.
+SD_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
 
 def _linspace_f32(start: float, end: float, steps: int) -> np.ndarray:
     """`torch.linspace(..., dtype=torch.float32)` to within one float32 ulp.

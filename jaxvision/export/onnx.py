@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from jaxvision.errors import ConfigError
+from jaxvision.models import kernels
 from jaxvision.models.vit import ViTConfig
 
 Layout = Literal["NCHW", "NHWC"]
@@ -167,9 +168,9 @@ def export_onnx(
     from jax2onnx import to_onnx
 
     module, params, preprocessor = _resolve(model)
-    # XLA's attention lowers to plain ONNX ops; the CPU default for long sequences
-    # (`layers.head_loop_attention`, a loop over (batch, head) pairs) would not.
-    module = module.clone(attention_impl="xla")
+    # Portable kernels: XLA's attention and convolutions lower to plain ONNX ops; the CPU forms
+    # (`layers.head_loop_attention`, a loop over (batch, head) pairs; im2col matmuls) would not.
+    module = kernels.with_kernels(module, kernels.Kernels(attention="xla", conv="xla"))
     forward, names = _forward(module, params, layout)
     with _quiet_converter_logs():
         proto = to_onnx(

@@ -180,7 +180,7 @@ class CLIPAttention(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
@@ -215,16 +215,23 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
         c = self.config
         norm = functools.partial(layers.layer_norm, c.layer_norm_eps, param_dtype=self.param_dtype)
         h = norm(name="layer_norm1")(x).astype(self.dtype)
-        x = x + CLIPAttention(c, self.dtype, self.param_dtype, self.attention_impl, name="self_attn")(h, bias)
+        attention = CLIPAttention(
+            config=c,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl,
+            name="self_attn",
+        )
+        x = x + attention(h, bias)
         h = norm(name="layer_norm2")(x).astype(self.dtype)
-        x = x + CLIPMLP(c, self.dtype, self.param_dtype, name="mlp")(h)
+        x = x + CLIPMLP(config=c, dtype=self.dtype, param_dtype=self.param_dtype, name="mlp")(h)
         return nn.with_logical_constraint(x, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
 
 
@@ -257,14 +264,15 @@ class CLIPTextTransformer(nn.Module):
       config: the architecture.
       dtype / param_dtype: compute and storage dtypes (norms and softmax run in fp32).
       remat_policy: per-block rematerialisation, a name from `layers.REMAT_POLICIES`.
-      attention_impl: passed to the attention seam ("cudnn" on GPUs).
+      attention_impl: the attention seam's kernel, chosen by the caller for its platform
+        (`jaxvision.models.kernels.resolve`); "auto" is the portable choice.
     """
 
     config: CLIPTextConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
 
     @nn.compact
     def __call__(
@@ -274,12 +282,18 @@ class CLIPTextTransformer(nn.Module):
         output_hidden_states: bool = False,
     ) -> CLIPTextOutput:
         c = self.config
-        x = CLIPTextEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(input_ids)
+        x = CLIPTextEmbeddings(config=c, dtype=self.dtype, param_dtype=self.param_dtype, name="embeddings")(input_ids)
         bias = None if attention_mask is None else padding_bias(attention_mask, self.dtype)
         hidden_states = [x]
         block = layers.remat(CLIPEncoderLayer, self.remat_policy)
         for i in range(c.num_hidden_layers):
-            x = block(c, self.dtype, self.param_dtype, self.attention_impl, name=f"layers_{i}")(x, bias)
+            x = block(
+                config=c,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                attention_impl=self.attention_impl,
+                name=f"layers_{i}",
+            )(x, bias)
             hidden_states.append(x)
         norm = layers.layer_norm(c.layer_norm_eps, param_dtype=self.param_dtype, name="final_layer_norm")
         sequence = norm(x).astype(self.dtype)
@@ -303,7 +317,7 @@ class CLIPTextModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
 
     @nn.compact
     def __call__(
@@ -313,7 +327,12 @@ class CLIPTextModel(nn.Module):
         output_hidden_states: bool = False,
     ) -> CLIPTextOutput:
         return CLIPTextTransformer(
-            self.config, self.dtype, self.param_dtype, self.remat_policy, self.attention_impl, name="text_model"
+            config=self.config,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            remat_policy=self.remat_policy,
+            attention_impl=self.attention_impl,
+            name="text_model",
         )(input_ids, attention_mask, output_hidden_states)
 
 
@@ -325,7 +344,7 @@ class CLIPTextModelWithProjection(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
 
     @nn.compact
     def __call__(
@@ -335,7 +354,12 @@ class CLIPTextModelWithProjection(nn.Module):
         output_hidden_states: bool = False,
     ) -> CLIPTextOutput:
         out = CLIPTextTransformer(
-            self.config, self.dtype, self.param_dtype, self.remat_policy, self.attention_impl, name="text_model"
+            config=self.config,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            remat_policy=self.remat_policy,
+            attention_impl=self.attention_impl,
+            name="text_model",
         )(input_ids, attention_mask, output_hidden_states)
         projection = layers.dense(
             self.config.projection_dim,
@@ -351,8 +375,8 @@ class CLIPTextModelWithProjection(nn.Module):
 def build(config: CLIPTextConfig, **kwargs: Any) -> nn.Module:
     """The module `config.architecture` names, with `dtype`/`param_dtype`/... passed through."""
     if config.architecture == "CLIPTextModelWithProjection":
-        return CLIPTextModelWithProjection(config, **kwargs)
-    return CLIPTextModel(config, **kwargs)
+        return CLIPTextModelWithProjection(config=config, **kwargs)
+    return CLIPTextModel(config=config, **kwargs)
 
 
 def example_inputs(config: CLIPTextConfig, batch: int = 1) -> tuple[jax.ShapeDtypeStruct]:

@@ -1,48 +1,33 @@
-"""2-D convolution as XLA:CPU runs it fastest: small feature maps and 1×1 kernels as matmuls.
+"""2-D convolutions as matmuls: 1×1 kernels as a dot, 3×3 kernels over small maps as im2col.
 
-XLA:CPU's convolution kernel is slow on small feature maps with many channels. Measured in jax
-0.10 on this project's 2-core VM (fp32, batch 2, `benchmarks/NOTES.md` change 5): a 3×3 conv
-over 1280 channels runs at 45-92 GFLOP/s on 8×8 maps and 94-141 GFLOP/s on 16×16 maps, against
-265 GFLOP/s for a square matmul. Rewritten as one matmul over the nine shifted copies of the input
-(im2col), the same convs run at 180-210 GFLOP/s. On 32×32 and larger maps the native kernel wins
-(about 220 GFLOP/s against 160). A 1×1 conv is a dot over the channels and runs 1.3-1.6× faster
-as one.
+Which convolution runs is the module's `conv_impl` field, chosen by the caller for the platform
+the program runs on (`jaxvision.models.kernels.resolve`); nothing here asks which backend it is
+traced on. `layers.conv(..., conv_impl="matmul")` hands `MatmulConv2d` to `flax.linen.Conv` as
+its `conv_general_dilated_cls`; "xla" and "auto" keep `lax.conv_general_dilated`.
 
-`Conv2d` is handed to `flax.linen.Conv` as its `conv_general_dilated_cls`. The parameters, their
-names and their shapes stay those of `nn.Conv`, so checkpoints and key tables do not change. It
-uses the matmul forms only on the CPU backend; GPUs and TPUs keep `lax.conv_general_dilated`
-(cuDNN / the TPU convolution unit). The sums differ from the native kernel's only in their order.
+Why the matmul forms exist: XLA:CPU's convolution kernel is slow on small feature maps with many
+channels, and one matmul over the nine shifted copies of the input (im2col) runs much faster
+there; a 1×1 conv is a dot over the channels. On larger maps the native kernel wins, so im2col is
+used only up to `IM2COL_MAX_PIXELS`. GPUs and TPUs have fast convolution units (cuDNN, the TPU's)
+and keep XLA's convolution, and so do training steps on every platform: in a rematerialised
+backward pass the column buffers and the dots' layouts cost memory. The measurements behind
+these rules are in `benchmarks/NOTES.md` ("Kernel choices").
 
-Training steps trace under `native_convolutions()` (`train.step.make_train_step`): in a
-rematerialised backward pass the nine-tap column buffers and the dots' layouts cost memory. They
-raised the SD 1.5 FSDP-8 DreamBooth plan from 4.97 to 5.65 GB per device (5.30 GB with XLA's
-convolution transpose as the backward pass).
+Both forms keep `nn.Conv`'s parameters (names, shapes, HWIO layout), so checkpoints and key
+tables do not depend on `conv_impl`; the sums differ from the native kernel's only in their order.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-# 3×3 convs over feature maps of at most this many pixels (16×16) run as im2col matmuls on CPU.
+# 3×3 convs over feature maps of at most this many pixels (16×16) run as im2col matmuls.
 IM2COL_MAX_PIXELS = 16 * 16
 _NHWC = lax.ConvDimensionNumbers(lhs_spec=(0, 3, 1, 2), rhs_spec=(3, 2, 0, 1), out_spec=(0, 3, 1, 2))
-_NATIVE_ONLY = contextvars.ContextVar("jaxvision_native_convolutions", default=False)
-
-
-@contextlib.contextmanager
-def native_convolutions() -> Iterator[None]:
-    """Convolutions traced inside this context use XLA's kernel only (the train steps use it)."""
-    token = _NATIVE_ONLY.set(True)
-    try:
-        yield
-    finally:
-        _NATIVE_ONLY.reset(token)
 
 
 def _matmul_form(
@@ -56,13 +41,7 @@ def _matmul_form(
     feature_group_count: int,
 ) -> str | None:
     """The form that runs this conv: "dot" (1×1), "im2col" (3×3 on a small map), None (XLA's kernel)."""
-    if (
-        isinstance(padding, str)
-        or _NATIVE_ONLY.get()
-        or jax.default_backend() != "cpu"
-        or lhs.ndim != 4
-        or dimension_numbers != _NHWC
-    ):
+    if isinstance(padding, str) or lhs.ndim != 4 or dimension_numbers != _NHWC:
         return None
     if tuple(window_strides) != (1, 1) or feature_group_count != 1:
         return None
@@ -93,8 +72,9 @@ def im2col_conv3x3(x: jax.Array, kernel: jax.Array, precision: lax.PrecisionLike
     return jnp.einsum("bhwk,ko->bhwo", columns, kernel.reshape(9 * channels, -1), precision=precision)
 
 
-class Conv2d:
-    """`lax.conv_general_dilated`'s signature; the matmul forms above on CPU where they are faster."""
+class MatmulConv2d:
+    """`lax.conv_general_dilated`'s signature; the matmul forms above where they apply, XLA's
+    kernel for every other conv (strided, dilated, grouped, larger kernels or maps)."""
 
     def __call__(
         self,

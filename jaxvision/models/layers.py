@@ -4,10 +4,16 @@ Every parameter is created through `nn.with_logical_partitioning`, so a model's 
 params (`jax.eval_shape(module.init, ...)`) carry logical axis names that one rules table
 (`jaxvision.train.sharding.LOGICAL_AXIS_RULES`) maps onto mesh axes. The names used here are
 the whole vocabulary; `tests/test_sharding_rules.py` checks each has a rule.
+
+Which attention and convolution kernels run is an argument here (`implementation=`,
+`conv_impl=`), set from module fields that the caller chose for the platform the program will
+run on (`jaxvision.models.kernels.resolve`). Nothing here asks which backend it is traced on, so
+a model is a pure function of its fields and a CPU host can trace the program a GPU will run.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -15,14 +21,21 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxvision.models.conv import Conv2d
+from jaxvision.models import kernels
+from jaxvision.models.conv import MatmulConv2d
 
 Dtype = Any
-AttentionImpl = Literal["xla", "cudnn", "reference", "chunked"] | None
-ATTENTION_IMPLS = ("xla", "cudnn", "reference", "chunked")
+AttentionImpl = Literal["auto", "xla", "cudnn", "chunked", "cpu", "reference"] | None
+ATTENTION_IMPLS = kernels.ATTENTION_IMPLS
 # Unmasked attention with at least this many logits per (batch, head) takes `head_loop_attention`
-# on CPU by default: ViT-L/16-384's 577² ≈ 0.33 M and SD's 4096² ≈ 16.8 M do, CLIP's masked 77² does not.
+# under `implementation="cpu"`: ViT-L/16-384's 577² ≈ 0.33 M and SD's 4096² ≈ 16.8 M do, CLIP's
+# masked 77² does not.
 LONG_ATTENTION_MIN_LOGITS = 1 << 18
+
+logger = logging.getLogger("jaxvision")
+# Fallback messages already logged: each distinct reason is logged once per process (they are
+# decided while tracing, so a model would otherwise repeat them for every layer and every trace).
+_LOGGED_FALLBACKS: set[str] = set()
 
 # The logical axis vocabulary. A parameter axis is one of these or None (never sharded).
 EMBED = "embed"  # model width (residual stream / channel width)
@@ -112,13 +125,16 @@ def conv(
     use_bias: bool = True,
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
+    conv_impl: str = "auto",
     name: str | None = None,
 ) -> nn.Conv:
     """An NHWC `nn.Conv` with an HWIO kernel named `(None, None, conv_in, conv_out)`.
 
-    Its convolution is `conv.Conv2d`: on CPU, 1×1 kernels and 3×3 kernels over small maps run as
-    matmuls (faster there; same parameters).
+    `conv_impl` picks the kernel (the parameters are the same for every value): "matmul" runs
+    1×1 kernels and 3×3 kernels over small maps as matmuls (`conv.MatmulConv2d`, the fast forms
+    on XLA:CPU); "xla" and "auto" run `lax.conv_general_dilated`.
     """
+    kernels.check_conv(conv_impl)
     return nn.Conv(
         features,
         kernel_size,
@@ -129,7 +145,8 @@ def conv(
         param_dtype=param_dtype,
         kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, CONV_IN, CONV_OUT)),
         bias_init=partitioned(nn.initializers.zeros_init(), (CONV_OUT,)),
-        conv_general_dilated_cls=Conv2d,
+        # A class, not an instance or a partial: module fields stay hashable and comparable.
+        conv_general_dilated_cls=MatmulConv2d if conv_impl == "matmul" else None,
         name=name,
     )
 
@@ -296,9 +313,9 @@ def blocked_attention(
     (fp32), so only one `[batch, heads, block_q, block_k]` tile of logits exists at a time; every
     query block is rematerialised in the backward pass. This is `implementation="chunked"`, the
     bounded-memory path on any backend (the DreamBooth configs): batch and heads stay array axes,
-    so a sharded batch or sharded heads stay sharded. On XLA:CPU it runs SD's 4096-token
-    self-attention ~4x faster than `jax.nn.dot_product_attention`; `head_loop_attention`, the CPU
-    default, is faster still (`benchmarks/NOTES.md` changes 1 and 6).
+    so a sharded batch or sharded heads stay sharded. On XLA:CPU it is much faster than
+    `jax.nn.dot_product_attention` over long sequences, and `head_loop_attention` (the "cpu"
+    implementation) faster still (`benchmarks/NOTES.md`, "Kernel choices").
 
     Args:
       query: `[batch, q_len, heads, head_dim]`; key/value `[batch, kv_len, heads, head_dim]`.
@@ -358,13 +375,12 @@ def head_loop_attention(
 ) -> jax.Array:
     """Unmasked attention one (batch, head) pair at a time, each query block against all keys.
 
-    The CPU default for long attention. On XLA:CPU it beats `blocked_attention` by 1.3-2x
-    (`benchmarks/NOTES.md` change 6: SD 1.5's 4096-token self-attention 0.52 → 0.35 s, its
-    1024-token one 77 → 39 ms, ViT-L at batch 8 0.24 → 0.15 s): a tile of one head's logits
-    (`[block_q, kv_len]`, at most `max_tile_logits`, 16 MB in fp32) is one plain matmul, and with
-    every key in the tile the softmax is exact per row, with no running rescale. The loop over
-    (batch, head) pairs is sequential, which suits a CPU; accelerators and sharded training take
-    `jax.nn.dot_product_attention` or `blocked_attention` instead. Query blocks are
+    What `implementation="cpu"` runs for long unmasked attention; on XLA:CPU it is the fastest
+    form (`benchmarks/NOTES.md`, "Kernel choices"): a tile of one head's logits (`[block_q,
+    kv_len]`, at most `max_tile_logits`, 16 MB in fp32) is one plain matmul that stays in cache,
+    and with every key in the tile the softmax is exact per row, with no running rescale. The loop
+    over (batch, head) pairs is sequential, which suits a CPU; accelerators and sharded training
+    take `jax.nn.dot_product_attention` or `blocked_attention` instead. Query blocks are
     rematerialised in the backward pass.
 
     Args:
@@ -402,6 +418,13 @@ def head_loop_attention(
     return out.astype(query.dtype)
 
 
+def _log_fallback_once(message: str) -> None:
+    """Logs `message` as a warning the first time it occurs in this process."""
+    if message not in _LOGGED_FALLBACKS:
+        _LOGGED_FALLBACKS.add(message)
+        logger.warning(message)
+
+
 def attention(
     query: jax.Array,
     key: jax.Array,
@@ -410,42 +433,55 @@ def attention(
     bias: jax.Array | None = None,
     is_causal: bool = False,
     scale: float | None = None,
-    implementation: AttentionImpl = None,
+    implementation: AttentionImpl = "auto",
     upcast: bool = False,
 ) -> jax.Array:
     """The one attention seam of the library, over `jax.nn.dot_product_attention`.
+
+    Which kernel runs is `implementation`, a module field the caller chose for the platform
+    (`jaxvision.models.kernels.resolve`); nothing here asks which backend it is traced on.
 
     Args:
       query: `[batch, q_len, heads, head_dim]`; key/value `[batch, kv_len, heads, head_dim]`.
       bias: additive bias broadcastable to `[batch, heads, q_len, kv_len]`.
       is_causal: apply a lower-triangular mask (CLIP's text tower).
       scale: logit scale; default `head_dim ** -0.5`.
-      implementation: None lets JAX choose, "xla", "cudnn" (GPU fused kernel, bf16/fp16),
+      implementation: "auto" or None let `jax.nn.dot_product_attention` choose; "xla"; "cudnn"
+        (GPU fused kernel, bf16/fp16; inputs it rejects take "xla", logged once per reason);
         "chunked" (`blocked_attention`: tiles with an online softmax, bounded memory, for long
-        unmasked sequences), or "reference" for the plain einsum path. On CPU, None takes
-        `head_loop_attention` for long unmasked sequences (it is the fastest path there).
+        unmasked sequences on any backend); "cpu" (the fast forms on XLA:CPU:
+        `head_loop_attention` for unmasked attention of at least `LONG_ATTENTION_MIN_LOGITS`
+        logits per head, the einsum path for fp16 (XLA:CPU has no fp16×fp16→fp32 dot), else
+        "xla"); or "reference" for the plain einsum path.
       upcast: compute q·k and softmax in fp32 even for low-precision inputs (diffusers'
         `upcast_attention`, used by SD 2.1).
     Returns:
       `[batch, q_len, heads, head_dim]` in the query dtype.
     """
+    kernels.check_attention(implementation)
+    if implementation == "auto":
+        implementation = None
     dtype = query.dtype
     if upcast and dtype != jnp.float32:
         query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
-    if implementation == "cudnn" and cudnn_unsupported(query, key, bias) is not None:
-        # One model mixes shapes cuDNN takes with ones it rejects (an odd-length biased
-        # attention, an fp32 upcast): those calls use XLA's attention, the rest stay fused.
-        implementation = "xla"
+    if implementation == "cudnn":
+        reason = cudnn_unsupported(query, key, bias)
+        if reason is not None:
+            # One model mixes shapes cuDNN takes with ones it rejects (an odd-length biased
+            # attention, an fp32 upcast): those calls use XLA's attention, the rest stay fused.
+            _log_fallback_once(f"attention: cuDNN rejects {reason}; those calls use implementation='xla'")
+            implementation = "xla"
     unmasked = bias is None and not is_causal
-    long_on_cpu = query.shape[1] * key.shape[1] >= LONG_ATTENTION_MIN_LOGITS and jax.default_backend() == "cpu"
-    if unmasked and implementation is None and long_on_cpu:
-        return head_loop_attention(query, key, value, scale=scale).astype(dtype)
+    if implementation == "cpu":
+        if unmasked and query.shape[1] * key.shape[1] >= LONG_ATTENTION_MIN_LOGITS:
+            return head_loop_attention(query, key, value, scale=scale).astype(dtype)
+        # XLA:CPU has no fp16×fp16→fp32 dot, which `jax.nn.dot_product_attention` emits.
+        implementation = "reference" if query.dtype == jnp.float16 else "xla"
     if unmasked and implementation == "chunked":
         return blocked_attention(query, key, value, scale=scale).astype(dtype)
     if implementation == "chunked":
         implementation = None  # masked attention (CLIP's 77 tokens) is small: no need to chunk
-    if implementation == "reference" or (query.dtype == jnp.float16 and jax.default_backend() == "cpu"):
-        # XLA:CPU has no fp16×fp16→fp32 dot, which `jax.nn.dot_product_attention` emits.
+    if implementation == "reference":
         out = reference_attention(query, key, value, bias=bias, is_causal=is_causal, scale=scale)
         return out.astype(dtype)
     if implementation == "cudnn" and bias is None and (query.shape[1] % 2 or key.shape[1] % 2):
@@ -456,10 +492,11 @@ def attention(
         out = jax.nn.dot_product_attention(
             query, key, value, bias=bias, scale=scale, is_causal=is_causal, implementation=implementation
         )
-    except NotImplementedError:
+    except NotImplementedError as e:
         if implementation != "cudnn":
             raise
         # A cuDNN-version-specific rule `cudnn_unsupported` does not know (checked while tracing).
+        _log_fallback_once(f"attention: cuDNN rejected the call ({e}); it uses implementation='xla'")
         out = jax.nn.dot_product_attention(
             query, key, value, bias=bias, scale=scale, is_causal=is_causal, implementation="xla"
         )

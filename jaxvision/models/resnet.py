@@ -42,6 +42,7 @@ class ResnetBlock2D(nn.Module):
       use_in_shortcut: force or forbid the 1x1 shortcut; None → only when channels change.
       conv_shortcut_bias: whether the 1x1 shortcut has a bias.
       dtype / param_dtype: compute and storage dtypes (GroupNorm runs in fp32).
+      conv_impl: the convolutions' kernel, as `layers.conv` takes it.
     """
 
     out_channels: int | None = None
@@ -54,6 +55,7 @@ class ResnetBlock2D(nn.Module):
     conv_shortcut_bias: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
@@ -77,6 +79,7 @@ class ResnetBlock2D(nn.Module):
                 use_bias=use_bias,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                conv_impl=self.conv_impl,
                 name=name,
             )
 
@@ -114,6 +117,7 @@ class Downsample2D(nn.Module):
       padding: torch's conv padding. 1 (the UNet) pads one pixel on every side; 0 (the VAE
         encoder) first pads one zero row/column at the bottom/right only, as diffusers'
         `F.pad(x, (0, 1, 0, 1))` does, then convolves unpadded.
+      conv_impl: the conv's kernel, as `layers.conv` takes it.
     """
 
     out_channels: int | None = None
@@ -121,6 +125,7 @@ class Downsample2D(nn.Module):
     padding: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -135,6 +140,7 @@ class Downsample2D(nn.Module):
             padding=pad,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_impl=self.conv_impl,
             name="conv",
         )(x.astype(self.dtype))
 
@@ -158,12 +164,14 @@ class Upsample2D(nn.Module):
     Attributes:
       out_channels: None keeps the input's channels.
       use_conv: apply the conv3x3 (padding 1) after upsampling; it is named `conv`.
+      conv_impl: the conv's kernel, as `layers.conv` takes it.
     """
 
     out_channels: int | None = None
     use_conv: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
@@ -178,5 +186,6 @@ class Upsample2D(nn.Module):
             padding=conv_padding(1),
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_impl=self.conv_impl,
             name="conv",
         )(x)

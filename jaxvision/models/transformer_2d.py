@@ -41,7 +41,7 @@ class Attention(nn.Module):
     upcast: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -94,7 +94,7 @@ class FeedForward(nn.Module):
         hidden = width * FF_MULT
         proj = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype)
         # A submodule "net_0" holding "proj" mirrors diffusers' `ff.net.0.proj` (net.1 is dropout).
-        h = GEGLU(hidden, self.dtype, self.param_dtype, name="net_0")(x)
+        h = GEGLU(hidden=hidden, dtype=self.dtype, param_dtype=self.param_dtype, name="net_0")(x)
         return proj(width, (MLP, EMBED), name="net_2")(h)
 
 
@@ -124,7 +124,7 @@ class BasicTransformerBlock(nn.Module):
     upcast: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
     chunk_ff: bool = False
 
     @nn.compact
@@ -137,12 +137,12 @@ class BasicTransformerBlock(nn.Module):
         """
         attn = functools.partial(
             Attention,
-            self.num_heads,
-            self.head_dim,
-            self.upcast,
-            self.dtype,
-            self.param_dtype,
-            self.attention_impl,
+            num_heads=self.num_heads,
+            head_dim=self.head_dim,
+            upcast=self.upcast,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl,
         )
 
         def norm(name: str, t: jax.Array) -> jax.Array:
@@ -161,10 +161,10 @@ class BasicTransformerBlock(nn.Module):
                 out_axes=1,
             )
             chunks = h.reshape(b, tokens // FF_CHUNK_TOKENS, FF_CHUNK_TOKENS, width)
-            _, h = scan(self.dtype, self.param_dtype, name="ff")(None, chunks)
+            _, h = scan(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(None, chunks)
             h = h.reshape(b, tokens, width)
         else:
-            h = FeedForward(self.dtype, self.param_dtype, name="ff")(h)
+            h = FeedForward(dtype=self.dtype, param_dtype=self.param_dtype, name="ff")(h)
         x = x + h
         return nn.with_logical_constraint(x, (layers.BATCH, layers.LENGTH, layers.ACT_EMBED))
 
@@ -191,7 +191,7 @@ class Transformer2DModel(nn.Module):
     upcast: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
     chunk_ff: bool = False
 
     @nn.compact
@@ -210,14 +210,14 @@ class Transformer2DModel(nn.Module):
         t = proj(inner, (EMBED, HEADS), name="proj_in")(t.astype(self.dtype).reshape(b, h * w, c))
         for k in range(self.num_layers):
             t = BasicTransformerBlock(
-                self.num_heads,
-                self.head_dim,
-                self.only_cross_attention,
-                self.upcast,
-                self.dtype,
-                self.param_dtype,
-                self.attention_impl,
-                self.chunk_ff,
+                num_heads=self.num_heads,
+                head_dim=self.head_dim,
+                only_cross_attention=self.only_cross_attention,
+                upcast=self.upcast,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                attention_impl=self.attention_impl,
+                chunk_ff=self.chunk_ff,
                 name=f"transformer_blocks_{k}",
             )(t, context)
         t = proj(c, (HEADS, EMBED), name="proj_out")(t)

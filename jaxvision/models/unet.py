@@ -305,14 +305,16 @@ class UNet2DConditionModel(nn.Module):
       dtype / param_dtype: compute and storage dtypes (GroupNorm, LayerNorm and softmax in fp32).
       remat_policy: rematerialisation of every resnet and spatial transformer, a name from
         `layers.REMAT_POLICIES`.
-      attention_impl: passed to the attention seam ("cudnn" on GPUs).
+      attention_impl / conv_impl: the kernels (`layers.attention` / `layers.conv`), chosen by the
+        caller for its platform (`jaxvision.models.kernels.resolve`); "auto" is the portable choice.
     """
 
     config: UNet2DConditionConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array) -> jax.Array:
@@ -325,7 +327,9 @@ class UNet2DConditionModel(nn.Module):
         """
         c = self.config
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block_kw = dict(remat_policy=self.remat_policy, attention_impl=self.attention_impl, **kw)
+        block_kw = dict(
+            remat_policy=self.remat_policy, attention_impl=self.attention_impl, conv_impl=self.conv_impl, **kw
+        )
         batch = sample.shape[0]
         if sample.shape[-1] != c.in_channels:
             raise ValueError(
@@ -337,21 +341,24 @@ class UNet2DConditionModel(nn.Module):
         t_emb = timestep_embedding(
             timesteps, c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift
         )
-        emb = TimestepEmbedding(c.time_embed_dim, c.act_fn, c.timestep_post_act, name="time_embedding", **kw)(t_emb)
+        emb = TimestepEmbedding(
+            features=c.time_embed_dim, act_fn=c.act_fn, post_act_fn=c.timestep_post_act, name="time_embedding", **kw
+        )(t_emb)
         if c.time_embedding_act_fn is not None:
             emb = layers.activation(c.time_embedding_act_fn)(emb)
         context = encoder_hidden_states.astype(self.dtype)
 
         def conv(features: int, k: int, name: str) -> nn.Conv:
-            return layers.conv(features, (k, k), padding=conv_padding((k - 1) // 2), name=name, **kw)
+            pad = conv_padding((k - 1) // 2)
+            return layers.conv(features, (k, k), padding=pad, conv_impl=self.conv_impl, name=name, **kw)
 
         x = conv(c.block_out_channels[0], c.conv_in_kernel, "conv_in")(sample.astype(self.dtype))
         skips: list[jax.Array] = [x]
         for i, kind in enumerate(c.down_block_types):
-            block = DOWN_BLOCKS[kind](c.down_block(i), name=f"down_blocks_{i}", **block_kw)
+            block = DOWN_BLOCKS[kind](block=c.down_block(i), name=f"down_blocks_{i}", **block_kw)
             x, res = block(x, emb, context) if kind.startswith("CrossAttn") else block(x, emb)
             skips.extend(res)
-        x = MID_BLOCKS[c.mid_block_type](c.mid_block(), name="mid_block", **block_kw)(x, emb, context)
+        x = MID_BLOCKS[c.mid_block_type](block=c.mid_block(), name="mid_block", **block_kw)(x, emb, context)
         # diffusers forwards each skip's size to the upsampler when the input is not a multiple of
         # the total downsampling factor (odd intermediate sizes would otherwise not line up).
         factor = 2 ** (c.num_blocks - 1)
@@ -360,7 +367,7 @@ class UNet2DConditionModel(nn.Module):
             cfg = c.up_block(i)
             res, skips = skips[-cfg.num_layers :], skips[: -cfg.num_layers]
             size = tuple(skips[-1].shape[1:3]) if forward_size and i < c.num_blocks - 1 else None
-            block = UP_BLOCKS[kind](cfg, name=f"up_blocks_{i}", **block_kw)
+            block = UP_BLOCKS[kind](block=cfg, name=f"up_blocks_{i}", **block_kw)
             x = (
                 block(x, tuple(res), emb, context, size)
                 if kind.startswith("CrossAttn")
@@ -373,8 +380,8 @@ class UNet2DConditionModel(nn.Module):
 
 
 def build(config: UNet2DConditionConfig, **kwargs: Any) -> UNet2DConditionModel:
-    """The module, with `dtype`/`param_dtype`/`remat_policy`/`attention_impl` passed through."""
-    return UNet2DConditionModel(config, **kwargs)
+    """The module, with `dtype`/`param_dtype`/`remat_policy`/`attention_impl`/`conv_impl` passed through."""
+    return UNet2DConditionModel(config=config, **kwargs)
 
 
 def example_inputs(config: UNet2DConditionConfig, batch: int = 1) -> tuple[jax.ShapeDtypeStruct, ...]:

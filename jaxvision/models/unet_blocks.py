@@ -113,13 +113,21 @@ class TimestepEmbedding(nn.Module):
 
 
 class _Block(nn.Module):
-    """Shared fields and sub-module factories of the five block types."""
+    """Shared fields and sub-module factories of the five block types.
+
+    Attributes:
+      block: what the block builds.
+      dtype / param_dtype: compute and storage dtypes.
+      remat_policy: rematerialisation of each resnet and spatial transformer.
+      attention_impl / conv_impl: the kernels, as `layers.attention` / `layers.conv` take them.
+    """
 
     block: BlockConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
+    conv_impl: str = "auto"
 
     def resnet(self, j: int) -> nn.Module:
         b = self.block
@@ -131,6 +139,7 @@ class _Block(nn.Module):
             output_scale_factor=b.output_scale_factor,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_impl=self.conv_impl,
             name=f"resnets_{j}",
         )
 
@@ -153,17 +162,22 @@ class _Block(nn.Module):
     def downsample(self, x: jax.Array) -> jax.Array:
         b = self.block
         return Downsample2D(
-            b.out_channels,
+            out_channels=b.out_channels,
             padding=b.downsample_padding,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_impl=self.conv_impl,
             name="downsamplers_0",
         )(x)
 
     def upsample(self, x: jax.Array, output_size: tuple[int, int] | None) -> jax.Array:
-        return Upsample2D(self.block.out_channels, dtype=self.dtype, param_dtype=self.param_dtype, name="upsamplers_0")(
-            x, output_size
-        )
+        return Upsample2D(
+            out_channels=self.block.out_channels,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            conv_impl=self.conv_impl,
+            name="upsamplers_0",
+        )(x, output_size)
 
 
 class DownBlock2D(_Block):

@@ -180,7 +180,7 @@ class SpatialSelfAttention(nn.Module):
     eps: float = RESNET_EPS
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -202,7 +202,8 @@ class MidBlock(nn.Module):
     config: AutoencoderKLConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -214,11 +215,17 @@ class MidBlock(nn.Module):
             act_fn=c.act_fn,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            conv_impl=self.conv_impl,
         )
         x = resnet(name="resnets_0")(x)
         if c.mid_block_add_attention:
             x = SpatialSelfAttention(
-                c.norm_num_groups, RESNET_EPS, self.dtype, self.param_dtype, self.attention_impl, name="attentions_0"
+                groups=c.norm_num_groups,
+                eps=RESNET_EPS,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                attention_impl=self.attention_impl,
+                name="attentions_0",
             )(x)
         return resnet(name="resnets_1")(x)
 
@@ -232,22 +239,30 @@ class DownEncoderBlock(nn.Module):
     add_downsample: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         for j in range(self.num_layers):
             x = ResnetBlock2D(
-                self.out_channels,
+                out_channels=self.out_channels,
                 groups=c.norm_num_groups,
                 eps=RESNET_EPS,
                 act_fn=c.act_fn,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                conv_impl=self.conv_impl,
                 name=f"resnets_{j}",
             )(x)
         if self.add_downsample:
-            x = Downsample2D(padding=0, dtype=self.dtype, param_dtype=self.param_dtype, name="downsamplers_0")(x)
+            x = Downsample2D(
+                padding=0,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                conv_impl=self.conv_impl,
+                name="downsamplers_0",
+            )(x)
         return nn.with_logical_constraint(x, (layers.BATCH, None, None, layers.ACT_EMBED))
 
 
@@ -260,27 +275,33 @@ class UpDecoderBlock(nn.Module):
     add_upsample: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         for j in range(self.num_layers):
             x = ResnetBlock2D(
-                self.out_channels,
+                out_channels=self.out_channels,
                 groups=c.norm_num_groups,
                 eps=RESNET_EPS,
                 act_fn=c.act_fn,
                 dtype=self.dtype,
                 param_dtype=self.param_dtype,
+                conv_impl=self.conv_impl,
                 name=f"resnets_{j}",
             )(x)
         if self.add_upsample:
-            x = Upsample2D(dtype=self.dtype, param_dtype=self.param_dtype, name="upsamplers_0")(x)
+            x = Upsample2D(
+                dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl, name="upsamplers_0"
+            )(x)
         return nn.with_logical_constraint(x, (layers.BATCH, None, None, layers.ACT_EMBED))
 
 
-def _conv3x3(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Conv:
-    return layers.conv(features, (3, 3), padding=conv_padding(1), dtype=dtype, param_dtype=param_dtype, name=name)
+def _conv3x3(features: int, *, dtype: Dtype, param_dtype: Dtype, conv_impl: str, name: str) -> nn.Conv:
+    return layers.conv(
+        features, (3, 3), padding=conv_padding(1), dtype=dtype, param_dtype=param_dtype, conv_impl=conv_impl, name=name
+    )
 
 
 class Encoder(nn.Module):
@@ -290,23 +311,32 @@ class Encoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
         if x.shape[-1] != c.in_channels:
             raise ValueError(f"images have {x.shape[-1]} channels (NHWC, last axis); the VAE expects {c.in_channels}")
-        x = _conv3x3(c.block_out_channels[0], self.dtype, self.param_dtype, "conv_in")(x.astype(self.dtype))
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
+        x = _conv3x3(c.block_out_channels[0], name="conv_in", **kw)(x.astype(self.dtype))
         down = layers.remat(DownEncoderBlock, self.remat_policy)
         last = len(c.block_out_channels) - 1
         for i, ch in enumerate(c.block_out_channels):
-            x = down(c, ch, c.layers_per_block, i != last, self.dtype, self.param_dtype, name=f"down_blocks_{i}")(x)
+            x = down(
+                config=c,
+                out_channels=ch,
+                num_layers=c.layers_per_block,
+                add_downsample=i != last,
+                name=f"down_blocks_{i}",
+                **kw,
+            )(x)
         mid = layers.remat(MidBlock, self.remat_policy)
-        x = mid(c, self.dtype, self.param_dtype, self.attention_impl, name="mid_block")(x)
+        x = mid(config=c, attention_impl=self.attention_impl, name="mid_block", **kw)(x)
         x = layers.group_norm(c.norm_num_groups, RESNET_EPS, param_dtype=self.param_dtype, name="conv_norm_out")(x)
         x = jax.nn.silu(x).astype(self.dtype)  # diffusers' conv_act is nn.SiLU whatever act_fn says
-        return _conv3x3(2 * c.latent_channels, self.dtype, self.param_dtype, "conv_out")(x)
+        return _conv3x3(2 * c.latent_channels, name="conv_out", **kw)(x)
 
 
 class Decoder(nn.Module):
@@ -316,22 +346,31 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl)
         channels = tuple(reversed(c.block_out_channels))
-        x = _conv3x3(channels[0], self.dtype, self.param_dtype, "conv_in")(z.astype(self.dtype))
+        x = _conv3x3(channels[0], name="conv_in", **kw)(z.astype(self.dtype))
         mid = layers.remat(MidBlock, self.remat_policy)
-        x = mid(c, self.dtype, self.param_dtype, self.attention_impl, name="mid_block")(x)
+        x = mid(config=c, attention_impl=self.attention_impl, name="mid_block", **kw)(x)
         up = layers.remat(UpDecoderBlock, self.remat_policy)
         last = len(channels) - 1
         for i, ch in enumerate(channels):
-            x = up(c, ch, c.layers_per_block + 1, i != last, self.dtype, self.param_dtype, name=f"up_blocks_{i}")(x)
+            x = up(
+                config=c,
+                out_channels=ch,
+                num_layers=c.layers_per_block + 1,
+                add_upsample=i != last,
+                name=f"up_blocks_{i}",
+                **kw,
+            )(x)
         x = layers.group_norm(c.norm_num_groups, RESNET_EPS, param_dtype=self.param_dtype, name="conv_norm_out")(x)
         x = jax.nn.silu(x).astype(self.dtype)
-        return _conv3x3(c.out_channels, self.dtype, self.param_dtype, "conv_out")(x)
+        return _conv3x3(c.out_channels, name="conv_out", **kw)(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -342,7 +381,8 @@ class AutoencoderKL(nn.Module):
       dtype / param_dtype: compute and storage dtypes (GroupNorm and softmax run in fp32).
       remat_policy: rematerialisation of each down/mid/up block, a name from
         `layers.REMAT_POLICIES`.
-      attention_impl: passed to the attention seam.
+      attention_impl / conv_impl: the kernels (`layers.attention` / `layers.conv`), chosen by the
+        caller for its platform (`jaxvision.models.kernels.resolve`); "auto" is the portable choice.
       decode_slice_size: when set and the batch is larger, `decode` runs the decoder over
         slices of this many latents, one after another (a `nn.scan`, so only one slice's
         activations are live), as diffusers' `enable_slicing()` does with slices of 1. The
@@ -354,8 +394,9 @@ class AutoencoderKL(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
     decode_slice_size: int | None = None
+    conv_impl: str = "auto"
 
     def setup(self):
         c = self.config
@@ -364,10 +405,13 @@ class AutoencoderKL(nn.Module):
             param_dtype=self.param_dtype,
             remat_policy=self.remat_policy,
             attention_impl=self.attention_impl,
+            conv_impl=self.conv_impl,
         )
-        self.encoder = Encoder(c, **kw)
-        self.decoder = Decoder(c, **kw)
-        conv1x1 = functools.partial(layers.conv, kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype)
+        self.encoder = Encoder(config=c, **kw)
+        self.decoder = Decoder(config=c, **kw)
+        conv1x1 = functools.partial(
+            layers.conv, kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype, conv_impl=self.conv_impl
+        )
         self.quant_conv = conv1x1(2 * c.latent_channels) if c.use_quant_conv else None
         self.post_quant_conv = conv1x1(c.latent_channels) if c.use_post_quant_conv else None
 
@@ -413,7 +457,7 @@ class AutoencoderKL(nn.Module):
 
 def build(config: AutoencoderKLConfig, **kwargs: Any) -> AutoencoderKL:
     """The module, with `dtype`/`param_dtype`/`remat_policy`/... passed through."""
-    return AutoencoderKL(config, **kwargs)
+    return AutoencoderKL(config=config, **kwargs)
 
 
 def example_inputs(config: AutoencoderKLConfig, batch: int = 1) -> tuple[jax.ShapeDtypeStruct]:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvision.errors import ConfigError
-from jaxvision.models import layers
+from jaxvision.models import kernels, layers
 from jaxvision.models.hf_config import pair, take
 from jaxvision.models.layers import CLASSES, EMBED, HEADS, MLP, POSITION, Dtype
 
@@ -267,9 +267,13 @@ class ViTEmbeddings(nn.Module):
             (1, num_positions + 1, c.hidden_size),
             self.param_dtype,
         )
-        x = PatchProjection(c.hidden_size, c.patch_size, self.dtype, self.param_dtype, name="patch_embeddings")(
-            pixel_values
-        )
+        x = PatchProjection(
+            features=c.hidden_size,
+            patch_size=c.patch_size,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="patch_embeddings",
+        )(pixel_values)
         x = jnp.concatenate([jnp.broadcast_to(cls_token.astype(self.dtype), (b, 1, c.hidden_size)), x], axis=1)
         new_grid = (h // c.patch_size[0], w // c.patch_size[1])
         if interpolate_pos_encoding:
@@ -287,7 +291,7 @@ class ViTSelfAttention(nn.Module):
     config: ViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -311,7 +315,7 @@ class ViTLayer(nn.Module):
     config: ViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -319,7 +323,14 @@ class ViTLayer(nn.Module):
         norm = functools.partial(layers.layer_norm, c.layer_norm_eps, param_dtype=self.param_dtype)
         proj = functools.partial(layers.dense, dtype=self.dtype, param_dtype=self.param_dtype)
         h = norm(name="layernorm_before")(x).astype(self.dtype)
-        x = x + ViTSelfAttention(c, self.dtype, self.param_dtype, self.attention_impl, name="attention")(h)
+        attention = ViTSelfAttention(
+            config=c,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention_impl=self.attention_impl,
+            name="attention",
+        )
+        x = x + attention(h)
         h = norm(name="layernorm_after")(x).astype(self.dtype)
         h = layers.activation(c.hidden_act)(proj(c.intermediate_size, (EMBED, MLP), name="intermediate")(h))
         x = x + proj(c.hidden_size, (MLP, EMBED), name="output")(h)
@@ -334,7 +345,11 @@ class ViTModel(nn.Module):
       add_pooling_layer: the pooler exists in `ViTModel` checkpoints, not in classifiers.
       dtype / param_dtype: compute and storage dtypes (norms and softmax run in fp32).
       remat_policy: per-block rematerialisation, a name from `layers.REMAT_POLICIES`.
-      attention_impl: passed to the attention seam ("cudnn" on GPUs).
+      attention_impl: the attention seam's kernel, chosen by the caller for its platform
+        (`jaxvision.models.kernels.resolve`); "auto" is the portable choice.
+      conv_impl: taken, like every model's, from `kernels.resolve`; every value computes the patch
+        embedding (a conv whose stride is its kernel size) the same way, as one matmul
+        (`PatchProjection`), which is the fast form on every platform.
     """
 
     config: ViTConfig
@@ -342,7 +357,8 @@ class ViTModel(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -352,12 +368,20 @@ class ViTModel(nn.Module):
         interpolate_pos_encoding: bool = False,
     ) -> ViTOutput:
         """Args: pixel_values `[batch, height, width, channels]`, normalised as the processor does."""
+        kernels.check_conv(self.conv_impl)
         c = self.config
-        x = ViTEmbeddings(c, self.dtype, self.param_dtype, name="embeddings")(pixel_values, interpolate_pos_encoding)
+        embeddings = ViTEmbeddings(config=c, dtype=self.dtype, param_dtype=self.param_dtype, name="embeddings")
+        x = embeddings(pixel_values, interpolate_pos_encoding)
         hidden_states = [x]
         block = layers.remat(ViTLayer, self.remat_policy)
         for i in range(c.num_hidden_layers):
-            x = block(c, self.dtype, self.param_dtype, self.attention_impl, name=f"layer_{i}")(x)
+            x = block(
+                config=c,
+                dtype=self.dtype,
+                param_dtype=self.param_dtype,
+                attention_impl=self.attention_impl,
+                name=f"layer_{i}",
+            )(x)
             hidden_states.append(x)
         sequence = layers.layer_norm(c.layer_norm_eps, param_dtype=self.param_dtype, name="layernorm")(x)
         sequence = sequence.astype(self.dtype)
@@ -379,13 +403,17 @@ class ViTModel(nn.Module):
 
 
 class ViTForImageClassification(nn.Module):
-    """transformers' `ViTForImageClassification`: ViT without pooler + linear head on the CLS token."""
+    """transformers' `ViTForImageClassification`: ViT without pooler + linear head on the CLS token.
+
+    Attributes are `ViTModel`'s (less `add_pooling_layer`).
+    """
 
     config: ViTConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
-    attention_impl: layers.AttentionImpl = None
+    attention_impl: layers.AttentionImpl = "auto"
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -395,12 +423,13 @@ class ViTForImageClassification(nn.Module):
         interpolate_pos_encoding: bool = False,
     ) -> ViTOutput:
         out = ViTModel(
-            self.config,
-            False,
-            self.dtype,
-            self.param_dtype,
-            self.remat_policy,
-            self.attention_impl,
+            config=self.config,
+            add_pooling_layer=False,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            remat_policy=self.remat_policy,
+            attention_impl=self.attention_impl,
+            conv_impl=self.conv_impl,
             name="vit",
         )(pixel_values, output_hidden_states, interpolate_pos_encoding)
         logits = layers.dense(
@@ -417,8 +446,8 @@ class ViTForImageClassification(nn.Module):
 def build(config: ViTConfig, **kwargs: Any) -> nn.Module:
     """The module `config.architecture` names, with `dtype`/`param_dtype`/... passed through."""
     if config.architecture == "ViTModel":
-        return ViTModel(config, **kwargs)
-    return ViTForImageClassification(config, **kwargs)
+        return ViTModel(config=config, **kwargs)
+    return ViTForImageClassification(config=config, **kwargs)
 
 
 def example_inputs(config: ViTConfig, batch: int = 1) -> tuple[jax.ShapeDtypeStruct]:

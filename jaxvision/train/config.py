@@ -42,8 +42,9 @@ from omegaconf import DictConfig, OmegaConf, SCMode
 from omegaconf.errors import OmegaConfBaseException
 
 from jaxvision.errors import ConfigError
-from jaxvision.models import layers
+from jaxvision.models import kernels
 from jaxvision.models.layers import REMAT_POLICIES
+from jaxvision.train.checkpoints import CheckpointConfig
 from jaxvision.train.mesh import MeshConfig
 
 T = TypeVar("T")
@@ -77,10 +78,18 @@ def require(ok: bool, field: str, value: Any, requirement: str) -> None:
         raise FieldError(field, value, requirement)
 
 
+def check_attention_impl(value: str | None) -> None:
+    """Raises `FieldError` for `attention_impl` values the attention seam does not know."""
+    impls = ", ".join(i for i in kernels.ATTENTION_IMPLS if i is not None)
+    ok = value is None or value in kernels.ATTENTION_IMPLS
+    require(ok, "attention_impl", value, f"choose one of {impls}, or null (JAX chooses)")
+
+
 # ----------------------------------------------------------------------------- generic sections
 
-# The mesh section is the mesh module's own config, so the two can never disagree.
+# The mesh and checkpoint sections are their modules' own configs, so the two can never disagree.
 MeshSection = MeshConfig
+CheckpointSection = CheckpointConfig
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,19 +99,18 @@ class ModelSection:
     Attributes:
       path: a local Hugging Face / diffusers directory (required; nothing is downloaded).
       param_dtype: storage dtype of the trainable parameters (one of `DTYPES`).
-      attention_impl: `layers.attention` implementation; None lets JAX choose.
+      attention_impl: the attention kernel (`jaxvision.models.kernels`): "auto" chooses for the
+        devices the step runs on; None lets JAX choose.
     """
 
     path: str
     param_dtype: str = "float32"
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     def __post_init__(self):
         require(bool(self.path), "path", self.path, "give the local model directory")
         require(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"choose one of {', '.join(DTYPES)}")
-        impls = ", ".join(layers.ATTENTION_IMPLS)
-        ok = self.attention_impl is None or self.attention_impl in layers.ATTENTION_IMPLS
-        require(ok, "attention_impl", self.attention_impl, f"choose one of {impls}, or null (JAX chooses)")
+        check_attention_impl(self.attention_impl)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -174,19 +182,6 @@ class TrainSection:
                 re.compile(pattern)
             except re.error as e:
                 raise FieldError("freeze", pattern, f"not a valid regular expression ({e})") from None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CheckpointSection:
-    """Orbax checkpointing of the train state under `output_dir/checkpoints/`."""
-
-    every_steps: int = 1000
-    max_to_keep: int = 3
-    async_save: bool = True
-
-    def __post_init__(self):
-        require(self.every_steps >= 1, "every_steps", self.every_steps, "must be >= 1")
-        require(self.max_to_keep >= 1, "max_to_keep", self.max_to_keep, "must be >= 1")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -397,36 +392,43 @@ def _sources_note(sources: list[tuple[str, dict]]) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def _plain(obj: Any) -> Any:
-    """Dataclasses to dicts in field order, tuples to lists: what `yaml.safe_dump` can write."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, Mapping):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_plain(v) for v in obj]
-    return obj
+def to_dict(cfg: Any) -> Any:
+    """The config as plain data: dataclasses to dicts in field order, tuples to lists (what YAML,
+    JSON and W&B take). Plain data passes through unchanged."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, Mapping):
+        return {str(k): to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    return cfg
 
 
 def to_yaml(cfg: Any) -> str:
-    """The config as YAML, fields in schema order; `load_config` reads it back to an equal config."""
-    if not (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)):
+    """The config (a dataclass, or `to_dict`'s plain data) as YAML, fields in schema order;
+    `load_config` reads it back to an equal config."""
+    if not (isinstance(cfg, Mapping) or (dataclasses.is_dataclass(cfg) and not isinstance(cfg, type))):
         raise TypeError(f"to_yaml expects a config dataclass instance, got {type(cfg).__name__}")
-    return yaml.safe_dump(_plain(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
-def format_config(cfg: Any) -> str:
-    """A readable block for trainers to print at start-up: the schema name, then the resolved YAML."""
-    body = "".join(f"  {line}\n" for line in to_yaml(cfg).splitlines())
+def format_config(cfg: Any, data: Mapping | None = None) -> str:
+    """A readable block for trainers to print at start-up: the schema name, then the resolved YAML
+    (of `data`, `to_dict(cfg)` when it is already at hand)."""
+    body = "".join(f"  {line}\n" for line in to_yaml(cfg if data is None else data).splitlines())
     return f"{type(cfg).__name__} (resolved):\n{body}"
 
 
-def save_resolved(cfg: Any, output_dir: str | os.PathLike) -> Path:
+def save_resolved(cfg: Any, output_dir: str | os.PathLike, data: Mapping | None = None) -> Path:
     """Writes `output_dir/config.yaml`, the resolved config, on process 0 only.
 
     The file is complete on its own (no `base:`), so `--config output_dir/config.yaml` reruns the
     same run. It is written to a temporary name and renamed, so a crash never leaves half a file.
 
+    Args:
+      cfg: the config dataclass (its type names the schema in the header).
+      output_dir: the run directory.
+      data: `to_dict(cfg)`, when the caller has it already.
     Returns:
       The path of `config.yaml` (also on processes that do not write it).
     """
@@ -438,6 +440,6 @@ def save_resolved(cfg: Any, output_dir: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     header = f"# Resolved {type(cfg).__name__}, written by jaxvision; rerun with --config {path}\n"
     tmp = path.with_name(f".{CONFIG_FILENAME}.tmp")
-    tmp.write_text(header + to_yaml(cfg))
+    tmp.write_text(header + to_yaml(cfg if data is None else data))
     os.replace(tmp, path)
     return path

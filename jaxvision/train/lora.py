@@ -16,15 +16,12 @@ The PEFT file that diffusers' `load_lora_weights` reads is written by `jaxvision
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import traverse_util
 from flax.core import meta
 

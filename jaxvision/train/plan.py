@@ -3,6 +3,12 @@
 The per-device bytes of params and optimizer state come from their shardings (each leaf's
 shard shape times its item size); the temporaries (activations, gradients, collectives'
 buffers) from the compiled executable's `memory_analysis()`.
+
+A plan can target another platform than the host's (`jaxvision plan --platform gpu` on a CPU
+machine): the trainers choose the kernels for the target, and XLA compiles that program for the
+devices present. The one kernel a host cannot compile, cuDNN's fused attention, is planned with
+the query-chunked attention in its place (`kernels.compilable_here`): both keep only a tile of
+the `[q, kv]` logits, and the plan says which kernel stood in.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxvision.models.kernels import Kernels
 from jaxvision.train.step import TrainStep
 
 PyTree = Any
@@ -61,3 +68,11 @@ def plan_train_step(step: TrainStep) -> dict[str, Any]:
             "total": arguments + temp + extra_out,
         },
     }
+
+
+def describe_kernels(platform: str, kernels: Kernels, compiled: Kernels) -> str:
+    """The line a plan prints about its kernels, naming the one that stood in for cuDNN's if any."""
+    stand_in = (
+        f" (planned with attention={compiled.attention}: cuDNN cannot compile here)" if compiled != kernels else ""
+    )
+    return f"plan for {platform}: {kernels.describe()}{stand_in}"

@@ -23,7 +23,6 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxvision.models import conv
 from jaxvision.train import sharding as sharding_lib
 from jaxvision.train.freeze import merge_params
 from jaxvision.train.loss_scale import all_finite, select_tree
@@ -218,8 +217,7 @@ def make_train_step(
         out_shardings=(state_sh, sharding_lib.replicated(mesh)),
         donate_argnums=(0,),
     )
-    # XLA's own convolutions: the CPU matmul forms cost memory in a rematerialised backward pass.
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), conv.native_convolutions():
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         lowered = jitted.lower(abstract_state, abstract_frozen, batch_spec)
         compiled = lowered.compile()
     step = TrainStep(compiled, abstract_state, abstract_frozen, batch_spec, lowered, check_finite=check_finite)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from jaxvision.errors import ConfigError
-from jaxvision.train.config import LogSection, to_yaml
+from jaxvision.train.config import LogSection, to_dict, to_yaml
 
 METRICS_FILENAME = "metrics.jsonl"
 TENSORBOARD_DIRNAME = "tensorboard"
@@ -291,6 +291,4 @@ def _config_dict(config: Any) -> dict | None:
     """The config as nested plain dicts for W&B, or None."""
     if config is None or isinstance(config, str):
         return None
-    import yaml
-
-    return yaml.safe_load(to_yaml(config))
+    return to_dict(config)

@@ -63,7 +63,8 @@ def norm_rules(f: str, t: str) -> list[Rule]:
     return [Rule(f"{f}/scale", f"{t}.weight"), Rule(f"{f}/bias", f"{t}.bias")]
 
 
-def _compile(pattern: str, sep: str) -> re.Pattern:
+def _compile(pattern: str) -> re.Pattern:
+    """`"a/layer_{i}/b"` → a regex matching the literal parts, `{i}` capturing an integer named `i`."""
     parts = re.split(r"(\{\w+\})", pattern)
     regex = "".join(f"(?P<{p[1:-1]}>\\d+)" if p.startswith("{") else re.escape(p) for p in parts)
     return re.compile(regex)
@@ -74,8 +75,7 @@ class KeyTable:
 
     def __init__(self, rules: Iterable[Rule]):
         self.rules = tuple(rules)
-        self._flax = [(_compile(r.flax, "/"), r) for r in self.rules]
-        self._torch = [(_compile(r.torch, "."), r) for r in self.rules]
+        self._flax = [(_compile(r.flax), r) for r in self.rules]
 
     def to_torch_key(self, flax_path: str) -> tuple[str, Transform] | None:
         for regex, rule in self._flax:
@@ -126,7 +126,8 @@ def load_params(
         state = {k.removeprefix(strip_prefix): v for k, v in state.items()}
     flat_template = flatten(template)
     used: set[str] = set()
-    missing, bad_shape, bad_dtype, no_rule = [], [], [], []
+    bad_shape, bad_dtype, no_rule = [], [], []
+    missing: list[tuple[str, str, tuple[int, ...]]] = []  # (checkpoint key, param path, param shape)
     out: dict[str, np.ndarray] = {}
     for path, leaf in flat_template.items():
         match = table.to_torch_key(path)
@@ -137,7 +138,7 @@ def load_params(
         if key in used:
             raise WeightLoadError(f"key table maps two parameters to {key!r} (second: {path}); a table bug")
         if key not in state:
-            missing.append(f"{key}  (for {path}, shape {tuple(leaf.shape)})")
+            missing.append((key, path, tuple(leaf.shape)))
             continue
         used.add(key)
         raw = state[key]
@@ -155,12 +156,13 @@ def load_params(
             bad_dtype.append(f"{key}: checkpoint dtype {value.dtype}, model expects {want}")
             continue
         out[path] = np.asarray(value, dtype=want)
-    unexpected = sorted(set(state) - used - {k.split("  ")[0] for k in missing})
+    unexpected = sorted(set(state) - used)
     problems = []
     if no_rule:
         problems.append(_summarise("model parameters with no rule in the key table, a jaxvision bug", no_rule))
     if missing:
-        problems.append(_summarise("missing from the checkpoint", missing))
+        lines = [f"{key}  (for {path}, shape {shape})" for key, path, shape in missing]
+        problems.append(_summarise("missing from the checkpoint", lines))
     if unexpected:
         problems.append(_summarise("unexpected checkpoint keys, not used by this model", unexpected))
     if bad_shape:

@@ -19,12 +19,13 @@ class ModelSpec:
     Attributes:
       name: shown in messages.
       matches: is this `config.json` dict ours?
-      config_from_hf / config_to_hf: the config dataclass conversions.
+      config_type: the config dataclass, to recognise a module's family on save; its `to_hf()`
+        writes `config.json` there.
+      config_from_hf: `(config.json dict, source) → config`, usually `config_type.from_hf`.
       build: `(config, **module_kwargs) → module`.
       key_table: `config → KeyTable`.
       example_inputs: `config → tuple of jax.ShapeDtypeStruct` for `module.init`.
       weights_name: the file `save_pretrained` writes.
-      config_type: the config dataclass, to recognise a module's family on save.
       extra_files: `(module, directory) → None`, writes companions (e.g. preprocessor config).
       normalize_state: `(config, state) → state` in the key table's naming, for families whose
         checkpoints exist under more than one naming (CLIP text: with/without `text_model.`).

@@ -19,7 +19,6 @@ import torch
 from conftest import max_rel_error
 from diffusers.models.autoencoders import vae as diffusers_vae
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img as diffusers_img2img
-from fixtures.tiny_sd import SD15_SCHEDULER, write_tiny_sd
 from PIL import Image
 
 from jaxvision.diffusion import make_scheduler
@@ -31,6 +30,7 @@ from jaxvision.diffusion.pipeline import (
     StableDiffusionPipeline,
     _init_images,
 )
+from jaxvision.testing.tiny_sd import SD15_SCHEDULER, write_tiny_sd
 
 DPMPP = {"algorithm_type": "dpmsolver++", "solver_order": 2}
 DIFFUSERS_SCHEDULERS = {

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import max_rel_error
-from fixtures.tiny_sd import write_tiny_sd
 
 import jaxvision
 from jaxvision.diffusion.pipeline import StableDiffusionPipeline
+from jaxvision.testing.tiny_sd import write_tiny_sd
 
 DIFFUSERS_SCHEDULERS = {
     "ddim": (diffusers.DDIMScheduler, {}),

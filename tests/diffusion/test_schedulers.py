@@ -24,6 +24,7 @@ import torch
 
 from jaxvision.diffusion import SCHEDULERS, add_noise, get_velocity, make_scheduler
 from jaxvision.diffusion.ddpm import DDPMScheduler
+from jaxvision.diffusion.schedule import SD_SCHEDULER_CONFIG
 from jaxvision.errors import ConfigError
 
 TOL = 1e-5
@@ -31,20 +32,8 @@ SHAPE = (2, 8, 8, 4)
 NAMES = sorted(SCHEDULERS)
 NOISY = {"ddpm", "euler_a"}
 
-# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
-SD15 = {
-    "_class_name": "PNDMScheduler",
-    "_diffusers_version": "0.6.0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-    "clip_sample": False,
-}
+# runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json (less `_diffusers_version`)
+SD15 = SD_SCHEDULER_CONFIG
 # stabilityai/stable-diffusion-2-1 scheduler/scheduler_config.json (v-prediction)
 SD21 = {
     "_class_name": "DDIMScheduler",

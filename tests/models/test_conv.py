@@ -1,10 +1,12 @@
-"""`conv.Conv2d`, the convolution behind every `layers.conv`: its matmul forms equal XLA's kernel.
+"""`conv.MatmulConv2d`, the convolution behind `layers.conv(..., conv_impl="matmul")`: its matmul
+forms equal XLA's kernel, and `conv_impl` alone decides which one a module traces.
 
-On CPU (where the tests run) 1×1 convs become dots and 3×3 convs over maps of at most 16×16
-pixels become one im2col matmul. These tests prove each form computes the same values and the
-same gradients as `lax.conv_general_dilated` (fp32, highest precision, 1e-5 against outputs of
-order 1; only the summation order differs), that the shapes and paddings each form does not
-cover keep the native kernel, and that the module's parameters are those of a plain `nn.Conv`.
+With "matmul", 1×1 convs become dots and 3×3 convs over maps of at most 16×16 pixels become one
+im2col matmul, whatever backend traces them. These tests prove each form computes the same values
+and the same gradients as `lax.conv_general_dilated` (fp32, highest precision, 1e-5 against
+outputs of order 1; only the summation order differs), that the shapes and paddings each form
+does not cover keep the native kernel, that "xla"/"auto" trace XLA's convolution and "matmul" the
+dots, and that the module's parameters are those of a plain `nn.Conv` for every `conv_impl`.
 """
 
 import flax.linen as nn
@@ -14,6 +16,7 @@ import numpy as np
 import pytest
 from jax import lax
 
+from jaxvision.errors import ConfigError
 from jaxvision.models import conv, layers
 
 NHWC = ("NHWC", "HWIO", "NHWC")
@@ -25,7 +28,7 @@ def _native(x, w, strides, padding):
 
 def _conv2d(x, w, strides, padding):
     dn = lax.conv_dimension_numbers(x.shape, w.shape, NHWC)
-    return conv.Conv2d()(x, w, strides, padding, dimension_numbers=dn)
+    return conv.MatmulConv2d()(x, w, strides, padding, dimension_numbers=dn)
 
 
 def _form(x, w, strides=(1, 1), padding=((1, 1), (1, 1))):
@@ -74,10 +77,12 @@ def test_uncovered_convs_keep_the_native_kernel():
         np.testing.assert_allclose(got, _native(x, w3, (2, 2), "SAME"), atol=1e-6)
 
 
-def test_layers_conv_has_nn_conv_parameters():
-    """Same parameter tree as a plain `nn.Conv` (checkpoints and key tables are unchanged), same output."""
+@pytest.mark.parametrize("conv_impl", ["auto", "xla", "matmul"])
+def test_layers_conv_has_nn_conv_parameters(conv_impl):
+    """Same parameter tree as a plain `nn.Conv` (checkpoints and key tables do not depend on
+    `conv_impl`), same output."""
     x = jax.random.normal(jax.random.key(0), (1, 8, 8, 6))
-    ours = layers.conv(10, (3, 3), padding=((1, 1), (1, 1)))
+    ours = layers.conv(10, (3, 3), padding=((1, 1), (1, 1)), conv_impl=conv_impl)
     plain = nn.Conv(10, (3, 3), padding=((1, 1), (1, 1)))
     params = nn.unbox(ours.init(jax.random.key(1), x))
     assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, plain.init(jax.random.key(1), x))
@@ -85,34 +90,47 @@ def test_layers_conv_has_nn_conv_parameters():
         np.testing.assert_allclose(ours.apply(params, x), plain.apply(params, x), atol=1e-5)
 
 
-def test_train_steps_trace_native_convolutions():
-    """Inside `native_convolutions()` (which `make_train_step` enters while tracing) a conv the CPU
-    would run as im2col stays XLA's convolution: a train step's program has a convolution, the
-    same conv traced outside it has none."""
-    from jaxvision.train import mesh as mesh_lib
-    from jaxvision.train import optimizers
-    from jaxvision.train import state as state_lib
-    from jaxvision.train import step as step_lib
+@pytest.mark.parametrize(
+    ("size", "kernel", "strides"),
+    [(6, 1, 1), (8, 3, 1), (16, 3, 1), (20, 3, 1), (8, 3, 2)],  # dot, im2col, im2col, native, native
+)
+def test_matmul_conv_module_equals_xla_conv_module(size, kernel, strides):
+    """`layers.conv` with `conv_impl="matmul"` equals the same module with "xla" (same params), on
+    the shapes each form takes and on ones left to XLA's kernel; fp32, highest precision, 1e-5."""
+    x = jax.random.normal(jax.random.key(size), (2, size, size, 12))
+    pad = ((kernel // 2,) * 2,) * 2
 
+    def module(conv_impl):
+        return layers.conv(16, (kernel, kernel), strides=(strides, strides), padding=pad, conv_impl=conv_impl)
+
+    params = nn.unbox(module("xla").init(jax.random.key(1), x))
+    with jax.default_matmul_precision("highest"):
+        want = module("xla").apply(params, x)
+        got = module("matmul").apply(params, x)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _primitives(module, x):
+    """The primitive names in `module.apply`'s jaxpr, nested ones (einsum's jit) included."""
+    params = jax.eval_shape(module.init, jax.random.key(0), x)
+    text = str(jax.make_jaxpr(module.apply)(params, x))
+    return {name for name in ("conv_general_dilated", "dot_general") if f"{name}[" in text}
+
+
+@pytest.mark.parametrize("kernel", [1, 3])
+def test_conv_impl_alone_decides_the_traced_kernel(kernel):
+    """A 1×1 conv and a 3×3 conv on an 8×8 map trace `conv_general_dilated` (and no dot) with
+    `conv_impl="xla"` and "auto", and a `dot_general` (and no convolution) with "matmul", on
+    whatever backend traces them: the module's field, not the host, picks the kernel."""
     x = jnp.ones((2, 8, 8, 4))
-    w = jnp.ones((3, 3, 4, 4))
-    assert _form(x, w) == "im2col"
-    with conv.native_convolutions():
-        assert _form(x, w) is None
-    assert _form(x, w) == "im2col"
+    pad = ((kernel // 2,) * 2,) * 2
+    for conv_impl in ("xla", "auto"):
+        names = _primitives(layers.conv(4, (kernel, kernel), padding=pad, conv_impl=conv_impl), x)
+        assert "conv_general_dilated" in names and "dot_general" not in names, (conv_impl, names)
+    names = _primitives(layers.conv(4, (kernel, kernel), padding=pad, conv_impl="matmul"), x)
+    assert "dot_general" in names and "conv_general_dilated" not in names, names
 
-    model = layers.conv(4, (3, 3), padding=((1, 1), (1, 1)))
-    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
-    params = nn.unbox(model.init(jax.random.key(0), x))["params"]
-    assert "convolution" not in forward.lower(params, x).as_text()
 
-    def loss_fn(params, batch, rng):
-        return jnp.mean(model.apply({"params": params}, batch["x"]) ** 2)
-
-    opt = optimizers.make_optimizer(optimizers.OptimizerConfig(learning_rate=0.1))
-    mesh = mesh_lib.make_mesh()
-    init = lambda rng: model.init(rng, x)["params"]  # noqa: E731
-    abstract_state, abstract_frozen = state_lib.abstract_train_state(init, opt, jax.random.key(0), mesh)
-    spec = {"x": jax.ShapeDtypeStruct(x.shape, x.dtype)}
-    train_step = step_lib.make_train_step(loss_fn, opt, mesh, abstract_state, abstract_frozen, spec)
-    assert "convolution" in train_step.lowered.as_text()
+def test_unknown_conv_impl_is_a_config_error():
+    with pytest.raises(ConfigError, match="conv implementation 'im2col' is not known; choose one of auto, xla, matmul"):
+        layers.conv(4, (1, 1), conv_impl="im2col")

@@ -47,7 +47,7 @@ class DreamBoothModelSection(ModelSection):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DataSection:
+class DreamBoothDataSection:
     """Instance photos, prompts and the class-image cache.
 
     Attributes:
@@ -158,7 +158,7 @@ class DreamBoothConfig:
 
     output_dir: str
     model: DreamBoothModelSection
-    data: DataSection
+    data: DreamBoothDataSection
     train: DreamBoothTrainSection
     validation: ValidationSection = dataclasses.field(default_factory=ValidationSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)

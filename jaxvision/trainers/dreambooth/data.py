@@ -193,7 +193,6 @@ def ensure_class_images(
     guidance_scale: float,
     resolution: int,
     batch_size: int,
-    devices: int = 1,
     log: Callable = print,
 ) -> list[Path]:
     """Generates the missing class images so `class_dir` holds at least `num_images`.
@@ -211,8 +210,8 @@ def ensure_class_images(
       seed: base seed.
       model, scheduler, num_inference_steps, guidance_scale: the sampling settings (recorded).
       resolution: image height and width in pixels.
-      batch_size: images per sampler call (rounded up to a multiple of `devices`).
-      devices: the sampler's device count.
+      batch_size: images per sampler call; the last call is padded to it, so the sampler
+        compiles once.
     """
     import jax
 
@@ -244,7 +243,7 @@ def ensure_class_images(
     manifest.update(settings)
     manifest.setdefault("images", {})
     writer = jax.process_index() == 0
-    batch_size = -(-max(batch_size, 1) // devices) * devices
+    batch_size = max(batch_size, 1)
     log(
         f"class images: {len(existing)} in {class_dir}, generating {missing} with the base model "
         f"({settings['scheduler']}, {num_inference_steps} steps; the first batch compiles the sampler) ..."
@@ -253,7 +252,7 @@ def ensure_class_images(
     written: list[Path] = []
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        # The sampler needs a batch that divides over the devices: pad with the last seed.
+        # Every call has the same batch (the last one padded with its last seed): one compile.
         seeds = [seed + i for i, _ in chunk] + [seed + chunk[-1][0]] * (batch_size - len(chunk))
         images = pipe(
             [prompt] * len(seeds),

@@ -35,24 +35,23 @@ def export_model(cfg: DreamBoothConfig, comps: Any, params: dict, directory: Pat
     return directory
 
 
-def sample_grid(pipe: Any, cfg: DreamBoothConfig, devices: int) -> tuple[Any, np.ndarray]:
+def sample_grid(pipe: Any, cfg: DreamBoothConfig) -> tuple[Any, np.ndarray]:
     """Validation images of every prompt (rows) × seed (columns): a PIL grid and `[N, H, W, 3]` floats."""
     from PIL import Image
 
     v = cfg.validation
     prompts = [p for p in v.prompts for _ in range(v.num_images_per_prompt)]
     seeds = [v.seed + i for _ in v.prompts for i in range(v.num_images_per_prompt)]
-    pad = -len(prompts) % devices  # the sampler's batch divides over the devices
     images = pipe(
-        prompts + prompts[-1:] * pad,
+        prompts,
         num_inference_steps=v.num_inference_steps,
         guidance_scale=v.guidance_scale,
         height=cfg.data.resolution,
         width=cfg.data.resolution,
-        seed=seeds + seeds[-1:] * pad,
+        seed=seeds,
         scheduler=v.scheduler,
         output_type="np",
-    )[: len(prompts)]
+    )
     n, h, w, _ = images.shape
     rows, cols = len(v.prompts), v.num_images_per_prompt
     grid = images.reshape(rows, cols, h, w, 3).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, 3)

@@ -1,7 +1,7 @@
 """The run-config schema of `jaxvision finetune` (ViT fine-tuning): `FinetuneConfig` and its sections.
 
 The YAML files in `configs/vit/` override these defaults (`configs/vit/base.yaml` first); every
-field is documented here. The trainer is `jaxvision.train.vit_finetune`.
+field is documented here. The trainer is `jaxvision.trainers.vit_finetune.train`.
 """
 
 from __future__ import annotations
@@ -9,8 +9,17 @@ from __future__ import annotations
 import dataclasses
 
 from jaxvision.models import vit
+from jaxvision.train.config import (
+    DTYPES,
+    CheckpointSection,
+    LogSection,
+    MeshSection,
+    TrainSection,
+    check_attention_impl,
+    load_config,
+    require,
+)
 from jaxvision.trainers.vit_finetune import data as data_lib
-from jaxvision.train.config import DTYPES, CheckpointSection, LogSection, MeshSection, TrainSection, require
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -26,7 +35,8 @@ class FinetuneModelSection:
       patch_size, hidden_size, num_hidden_layers, num_attention_heads, intermediate_size:
         from-scratch overrides of the variant's values (None keeps them).
       param_dtype: storage dtype of the parameters (one of `DTYPES`).
-      attention_impl: `layers.attention` implementation (None: JAX chooses; "cudnn" on GPUs).
+      attention_impl: the attention kernel (`jaxvision.models.kernels`): "auto" chooses for the
+        devices the step runs on; None lets JAX choose.
     """
 
     path: str | None = None
@@ -38,7 +48,7 @@ class FinetuneModelSection:
     num_attention_heads: int | None = None
     intermediate_size: int | None = None
     param_dtype: str = "float32"
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     def __post_init__(self):
         require(
@@ -58,6 +68,7 @@ class FinetuneModelSection:
                 require(False, name, getattr(self, name), "only applies with model.variant (from scratch)")
         require(self.image_size is None or self.image_size >= 1, "image_size", self.image_size, "must be >= 1")
         require(self.param_dtype in DTYPES, "param_dtype", self.param_dtype, f"choose one of {', '.join(DTYPES)}")
+        check_attention_impl(self.attention_impl)
 
     def _architecture_overrides(self) -> list[str]:
         names = ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
@@ -86,7 +97,7 @@ class FinetuneTrainSection(TrainSection):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DataSection:
+class FinetuneDataSection:
     """Training, eval (model selection) and test data: class folders, a TFDS dataset, or digits.
 
     Exactly one source: `train_dir` (+ `eval_dir`, `test_dir`), `tfds_name` (+ `train_split`,
@@ -167,7 +178,12 @@ class FinetuneConfig:
     output_dir: str
     model: FinetuneModelSection
     train: FinetuneTrainSection
-    data: DataSection = dataclasses.field(default_factory=DataSection)
+    data: FinetuneDataSection = dataclasses.field(default_factory=FinetuneDataSection)
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     checkpoint: CheckpointSection = dataclasses.field(default_factory=CheckpointSection)
     log: LogSection = dataclasses.field(default_factory=LogSection)
+
+
+def load(path: str | None, overrides: tuple[str, ...] | list[str] = ()) -> FinetuneConfig:
+    """`load_config(FinetuneConfig, path, overrides)`."""
+    return load_config(FinetuneConfig, path, overrides)

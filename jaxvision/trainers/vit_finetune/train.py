@@ -33,9 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,29 +42,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 
 from jaxvision.errors import ConfigError
 from jaxvision.image import Preprocessor
+from jaxvision.models import kernels as kernels_lib
 from jaxvision.models import vit
 from jaxvision.models.hf_config import read_config_json
-from jaxvision.trainers.vit_finetune import data as data_lib
+from jaxvision.pretrained import from_pretrained, save_pretrained
 from jaxvision.train import sharding as sharding_lib
-from jaxvision.train.checkpoints import CheckpointConfig, Checkpointer
-from jaxvision.train.config import format_config, save_resolved, to_yaml
 from jaxvision.train.freeze import merge_params
 from jaxvision.train.mesh import make_mesh
 from jaxvision.train.optimizers import Optimizer, OptimizerConfig, make_optimizer
-from jaxvision.train.plan import plan_train_step
-from jaxvision.train.state import abstract_train_state, create_train_state
+from jaxvision.train.plan import describe_kernels, plan_train_step
+from jaxvision.train.run import Run, log
+from jaxvision.train.state import abstract_train_state
 from jaxvision.train.step import TrainStep, host_metrics, make_train_step
-from jaxvision.train.tracking import Tracker
-from jaxvision.trainers.vit_finetune.config import (  # noqa: F401  (the schema is part of this module's API)
-    DataSection,
-    FinetuneConfig,
-    FinetuneModelSection,
-    FinetuneTrainSection,
-)
+from jaxvision.trainers.vit_finetune import data as data_lib
+from jaxvision.trainers.vit_finetune.config import FinetuneConfig
 
 EXPORT_DIRNAME = "export"
 BEST_FILENAME = "best.json"
@@ -87,6 +78,7 @@ class Model:
       preprocessor: the input preprocessing, written to the export.
       params: starting weights (pretrained backbone + head), or None for the seeded random init.
       source: where the weights come from (recorded in checkpoints for frozen params).
+      kernels: the attention / conv implementations chosen for the target platform.
     """
 
     config: vit.ViTConfig
@@ -94,6 +86,7 @@ class Model:
     preprocessor: Preprocessor
     params: dict | None
     source: str
+    kernels: kernels_lib.Kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,18 +144,22 @@ def _plan_labels(cfg: FinetuneConfig) -> tuple[str, ...]:
     return tuple(f"LABEL_{i}" for i in range(PLAN_PLACEHOLDER_LABELS))
 
 
-def build_model(cfg: FinetuneConfig, labels: tuple[str, ...], *, load_weights: bool = True) -> Model:
-    """The model phase: a classifier for `labels`, pretrained (`model.path`) or from a variant.
+def build_model(cfg: FinetuneConfig, labels: tuple[str, ...], platform: str, *, load_weights: bool = True) -> Model:
+    """The model phase, for `run` and `plan` alike: a classifier for `labels`, pretrained
+    (`model.path`) or from a variant.
 
     Args:
+      platform: the device platform the step runs on; it chooses the kernels.
       load_weights: read the checkpoint's weights; False reads `config.json` only (for `plan`).
     """
     m, t = cfg.model, cfg.train
+    k = kernels_lib.resolve(platform, attention=m.attention_impl, dtype=jnp.dtype(t.dtype), training=True)
     kwargs = dict(
         dtype=jnp.dtype(t.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
         remat_policy=t.remat_policy,
-        attention_impl=m.attention_impl,
+        attention_impl=k.attention,
+        conv_impl=k.conv,
     )
     if m.variant is not None:
         overrides = {n: getattr(m, n) for n in m._architecture_overrides()}
@@ -170,7 +167,7 @@ def build_model(cfg: FinetuneConfig, labels: tuple[str, ...], *, load_weights: b
             overrides["patch_size"] = (overrides["patch_size"],) * 2
         size = m.image_size or 224
         config = vit.ViTConfig.from_variant(m.variant, image_size=size, labels=labels, **overrides)
-        return Model(config, vit.build(config, **kwargs), Preprocessor(size=config.image_size), None, "init")
+        return Model(config, vit.build(config, **kwargs), Preprocessor(size=config.image_size), None, "init", k)
 
     source = str(Path(m.path) / "config.json")
     base = vit.ViTConfig.from_hf(read_config_json(m.path), source)
@@ -183,9 +180,7 @@ def build_model(cfg: FinetuneConfig, labels: tuple[str, ...], *, load_weights: b
         )
     module = vit.build(config, **kwargs)
     if not load_weights:
-        return Model(config, module, preprocessor, None, m.path)
-
-    from jaxvision.pretrained import from_pretrained
+        return Model(config, module, preprocessor, None, m.path, k)
 
     loaded_module, loaded = from_pretrained(m.path, param_dtype=jnp.dtype(m.param_dtype))
     # A ViTModel checkpoint is the backbone itself, with a pooler that classifiers do not have.
@@ -206,7 +201,7 @@ def build_model(cfg: FinetuneConfig, labels: tuple[str, ...], *, load_weights: b
             "bias": jnp.zeros((len(labels),), dtype),
         }
     del loaded_module
-    return Model(config, module, preprocessor, {"vit": backbone, "classifier": head}, m.path)
+    return Model(config, module, preprocessor, {"vit": backbone, "classifier": head}, m.path, k)
 
 
 def optimizer_config(cfg: FinetuneConfig) -> OptimizerConfig:
@@ -278,26 +273,19 @@ def _eval_fn(model: Model, mesh: jax.sharding.Mesh):
     return evaluate
 
 
-def export(model: Model, params: dict, directory: str | os.PathLike) -> Path:
-    """Writes `params` as a transformers ViTForImageClassification folder + preprocessor_config.json.
+def export(run: Run, model: Model, params: dict) -> Path:
+    """Writes `params` to `output_dir/export/` as a transformers ViTForImageClassification folder
+    with `preprocessor_config.json`, atomically (see `Run.export_directory`).
 
-    Written under a temporary name and renamed, so the previous export survives a crash. Every
-    process must call it (the gather is a collective); process 0 writes.
+    Every process must call it (the gather is a collective); process 0 writes.
     """
     host = sharding_lib.to_host(params)
-    directory = Path(directory)
-    if jax.process_index() != 0:
-        return directory
-    from jaxvision.pretrained import save_pretrained
-
-    tmp = directory.with_name(f".{directory.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # The exported module stores fp32 weights whatever the training dtypes were.
-    save_pretrained(vit.build(model.config), host, tmp)
-    model.preprocessor.save(tmp)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-    return directory
+    with run.export_directory(EXPORT_DIRNAME) as tmp:
+        if tmp is not None:
+            # The exported module stores fp32 weights whatever the training dtypes were.
+            save_pretrained(vit.build(model.config), host, tmp)
+            model.preprocessor.save(tmp)
+    return run.output_dir / EXPORT_DIRNAME
 
 
 def _improves(metrics: dict[str, float], best: dict[str, Any] | None) -> bool:
@@ -310,26 +298,28 @@ def _improves(metrics: dict[str, float], best: dict[str, Any] | None) -> bool:
     return metrics["eval_loss"] < best.get("eval_loss", float("inf"))
 
 
-def _log(message: str) -> None:
-    if jax.process_index() == 0:
-        print(message, file=sys.stderr, flush=True)
-
-
 # ----------------------------------------------------------------------------- plan and run
 
 
-def plan(cfg: FinetuneConfig) -> dict[str, Any]:
+def plan(cfg: FinetuneConfig, platform: str | None = None) -> dict[str, Any]:
     """Compiles the train step of `cfg` from shapes only and returns its memory plan.
 
     Reads at most the checkpoint's `config.json` and the data's class names (train_dir's folder
     names, a TFDS dataset's metadata) where they exist; never the weights or the images.
 
+    Args:
+      platform: the target platform whose kernels the step uses (default: the devices present).
     Returns:
-      `{"devices": int, "per_device_bytes": {"params", "opt_state", "temp", "total"}}`.
+      `{"devices": int, "per_device_bytes": {"params", "opt_state", "temp", "total"}}`; the kernels
+      chosen for the platform are printed (process 0's stderr).
     """
     mesh = make_mesh(cfg.mesh)
-    model = build_model(cfg, _plan_labels(cfg), load_weights=False)
+    target = platform or kernels_lib.platform_of(mesh)
+    model = build_model(cfg, _plan_labels(cfg), target, load_weights=False)
+    compiled = kernels_lib.compilable_here(model.kernels, kernels_lib.platform_of(mesh))
+    model = dataclasses.replace(model, module=kernels_lib.with_kernels(model.module, compiled))
     _, step = compile_step(cfg, model, mesh)
+    log(describe_kernels(target, model.kernels, compiled))
     return plan_train_step(step)
 
 
@@ -343,7 +333,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     """
     out = Path(cfg.output_dir)
     t = cfg.train
-    _log(format_config(cfg))
+    run_dir = Run(cfg, frozen_sources={pattern: str(cfg.model.path or "init") for pattern in t.freeze})
 
     # --- mesh ------------------------------------------------------------------------------
     mesh = make_mesh(cfg.mesh)
@@ -353,7 +343,7 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     labels = data.labels
 
     # --- model -----------------------------------------------------------------------------
-    model = build_model(cfg, labels)
+    model = build_model(cfg, labels, kernels_lib.platform_of(mesh))
     pipeline = data_lib.Pipeline(
         model.preprocessor,
         model.config.image_size,
@@ -371,36 +361,20 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         f"{len(x) if x is not None else 0} {n}"
         for n, x in zip(("train", "eval", "test"), (data.train, data.eval, data.test), strict=True)
     )
-    _log(
+    log(
         f"model: ViT {model.config.hidden_size}w x {model.config.num_hidden_layers}L, patch {model.config.patch_size}, "
-        f"{model.config.image_size} px, {len(labels)} classes from {model.source}; {sizes} examples"
+        f"{model.config.image_size} px, {len(labels)} classes from {model.source}; {sizes} examples; "
+        f"kernels: {model.kernels.describe()}"
     )
 
-    # --- shard -----------------------------------------------------------------------------
+    # --- step ------------------------------------------------------------------------------
     optimizer, train_step = compile_step(cfg, model, mesh)  # AOT, before any batch is built
-    state, frozen = create_train_state(
-        init_fn_for(model), optimizer, jax.random.PRNGKey(t.seed), mesh, params=model.params
-    )
 
     # --- restore ---------------------------------------------------------------------------
-    save_resolved(cfg, out)
-    ckpt = Checkpointer(
-        out / "checkpoints",
-        CheckpointConfig(cfg.checkpoint.every_steps, cfg.checkpoint.max_to_keep, cfg.checkpoint.async_save),
-        run_config=yaml.safe_load(to_yaml(cfg)),
-        frozen_sources={pattern: model.source for pattern in t.freeze},
+    state, frozen, restored = run_dir.restore_or_create(
+        train_step, init_fn_for(model), optimizer, jax.random.PRNGKey(t.seed), mesh, model.params
     )
-    restored = ckpt.restore(train_step.abstract_state)
-    start = 0
-    if restored is not None:
-        if restored.step > t.max_steps:
-            ckpt.close()
-            raise ConfigError(
-                f"{out / 'checkpoints'} holds step {restored.step}, beyond train.max_steps={t.max_steps}; "
-                "raise train.max_steps or use a new output_dir"
-            )
-        state, start = restored.state, restored.step
-        _log(f"resuming from step {start} ({out / 'checkpoints'})")
+    start = 0 if restored is None else restored.step
     best_path = out / BEST_FILENAME
     best = json.loads(best_path.read_text()) if restored is not None and best_path.exists() else None
     # The data position: grain's iterator state, saved in the checkpoint's "data" item. Every
@@ -416,9 +390,8 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
     evaluate = _eval_fn(model, mesh)
     export_dir = out / EXPORT_DIRNAME
     last_eval = None
-    ckpt.install_sigterm_handler()
     try:
-        with Tracker(out, cfg.log, config=cfg, max_steps=t.max_steps, start_step=start) as tracker:
+        with run_dir.tracker(start) as tracker:
             step = start
             while step < t.max_steps:
                 batch = next(batches)
@@ -437,12 +410,13 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
                         best = {"step": step, "eval_top1": last_eval["eval_top1"], "eval_loss": last_eval["eval_loss"]}
                         if data.test is not None:
                             best.update(evaluate(params, pipeline, data.test, t.eval_batch_size, prefix="test"))
-                        export(model, params, export_dir)
+                        export(run_dir, model, params)
                         if jax.process_index() == 0:
                             best_path.write_text(json.dumps(best) + "\n")
-                ckpt.save(step, state, {"step": step, "iterator": batches.get_state()}, force=step == t.max_steps)
-                if ckpt.should_stop:
-                    _log(f"preempted: saved step {step}; rerun the same command to resume")
+                run_dir.checkpointer.save(
+                    step, state, {"step": step, "iterator": batches.get_state()}, force=step == t.max_steps
+                )
+                if run_dir.stop_requested(step):
                     break
             if step == t.max_steps and data.test is not None:
                 if data.eval is None:  # nothing to select on: the final parameters are the model
@@ -455,15 +429,15 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
                 tracker.log_scalars(step, {k: v for k, v in best.items() if k.startswith("test_")})
     finally:
         batches.close()  # stops grain's reader threads
-        ckpt.close()
+        run_dir.close()
 
     # --- export ----------------------------------------------------------------------------
     if data.eval is None or not export_dir.exists():
-        export(model, merge_params(state.params, frozen), export_dir)
+        export(run_dir, model, merge_params(state.params, frozen))
     if best is not None and "eval_top1" in best:
         test = f", test top-1 {best['test_top1']:.4f}" if "test_top1" in best else ""
-        _log(f"best eval top-1 {best['eval_top1']:.4f} at step {best['step']}{test}; exported to {export_dir}")
+        log(f"best eval top-1 {best['eval_top1']:.4f} at step {best['step']}{test}; exported to {export_dir}")
     else:
         test = f" (test top-1 {best['test_top1']:.4f})" if best is not None and "test_top1" in best else ""
-        _log(f"exported step {step}{test} to {export_dir}")
+        log(f"exported step {step}{test} to {export_dir}")
     return {"step": step, "export_dir": str(export_dir), "best": best, "eval": last_eval}

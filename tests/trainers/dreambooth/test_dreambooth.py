@@ -16,17 +16,19 @@ import jax
 import numpy as np
 import pytest
 import torch
-from fixtures.tiny_sd import write_tiny_sd
 from PIL import Image
-from train_helpers import FAST_COMPILE_FLAGS, run_cli
+from train_helpers import FAST_COMPILE_FLAGS, cli_env, file_digests, run_cli
 
 import jaxvision
 from jaxvision.errors import ConfigError
-from jaxvision.trainers import dreambooth as db
-from jaxvision.trainers.dreambooth import data as data_lib
-from jaxvision.trainers.dreambooth import outputs
+from jaxvision.testing.tiny_sd import write_tiny_sd
 from jaxvision.train import optimizers
 from jaxvision.train.tracking import read_metrics
+from jaxvision.trainers import dreambooth as db
+from jaxvision.trainers.dreambooth import data as data_lib
+from jaxvision.trainers.dreambooth import loss as loss_lib
+from jaxvision.trainers.dreambooth import outputs
+from jaxvision.trainers.dreambooth import train as train_lib
 
 ROOT = Path(__file__).resolve().parents[3]
 ASSETS = ROOT / "jaxvision" / "assets"
@@ -88,7 +90,7 @@ def _loss_and_grads(params, latents, input_ids, noise, timesteps, prior_mask, we
     """One compiled program per prediction type, shared by the parity cases."""
 
     def loss_of(p):
-        return db.dreambooth_loss(
+        return loss_lib.dreambooth_loss(
             p,
             latents,
             input_ids,
@@ -167,7 +169,9 @@ def test_cached_latents_and_text_embeddings_give_the_same_loss(tiny, jax_models)
     assert set(cache.moments) == {False, True} and cache.moments[True].shape == (len(images), RES // 2, RES // 2, 8)
     cfg = db.load(str(ROOT / "configs" / "dreambooth" / "tiny.yaml"), ["model.path=x", "train.prior_loss_weight=0"])
     ddpm = DDPMScheduler.from_config(dict(pipe.scheduler.config))
-    loss_fn = jax.jit(db.make_loss_fn(unet, text_encoder, vae, ddpm.train_state(), ddpm.prediction_type, cfg.train))
+    loss_fn = jax.jit(
+        loss_lib.make_loss_fn(unet, text_encoder, vae, ddpm.train_state(), ddpm.prediction_type, cfg.train)
+    )
     params = {"unet": unet_params, "text_encoder": te_params, "vae": vae_params}
     ids = np.asarray(pipe.tokenizer(["a photo of sks cat"] * 4, padding="max_length", max_length=77).input_ids)
     context = cache_lib.text_embeddings(text_encoder, te_params, ids.astype(np.int32))
@@ -311,6 +315,48 @@ def test_resume_is_bit_identical(runs):
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in straight]
 
 
+# `jaxvision dreambooth` with an export writer that dies after its first file.
+CRASHING_EXPORT = """
+import sys
+from jaxvision import cli
+from jaxvision.trainers.dreambooth import outputs
+
+def export_model(cfg, comps, params, directory):
+    (directory / "model_index.json").write_text("{}")
+    raise RuntimeError("export crashed midway")
+
+outputs.export_model = export_model
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_rerun_beyond_max_steps_and_crashed_export_keep_the_run(runs, tmp_path):
+    """On a copy of run A (checkpoint and export at step 4): a rerun with train.max_steps=3 stops
+    with a message naming the step and what to do, and changes no file; a rerun whose export dies
+    after writing one file leaves the step-4 export exactly as it was (the export is written to a
+    temporary folder and swapped in whole)."""
+    out = tmp_path / "a"
+    shutil.copytree(runs["resumed"]["output_dir"], out)
+    argv = ["dreambooth", "--config", str(out / "config.yaml"), f"output_dir={out}"]
+    before = file_digests(out)
+
+    def rerun(*overrides: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-c", CRASHING_EXPORT, *argv, *overrides]
+        return subprocess.run(cmd, env=cli_env(runs["tmp"]), capture_output=True, text=True, timeout=600)
+
+    proc = rerun("train.max_steps=3")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "holds step 4, beyond train.max_steps=3" in proc.stderr and "raise train.max_steps" in proc.stderr
+    assert file_digests(out) == before
+
+    proc = rerun("train.max_steps=4")  # restores step 4, runs no step, exports again: and crashes
+    assert proc.returncode == 1 and "export crashed midway" in proc.stderr, proc.stderr[-3000:]
+    assert file_digests(out / "export") == {
+        k.removeprefix("export/"): v for k, v in before.items() if k.startswith("export/")
+    }
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".export")) == []
+
+
 def _params(directory: Path) -> dict:
     return jax.tree.map(np.asarray, jaxvision.from_pretrained(directory)[1])
 
@@ -415,7 +461,7 @@ def test_text_encoder_learning_rate_is_its_own_group(tiny):
     model, _ = tiny
     overrides = [f"model.path={model}", "train.train_text_encoder=true", "train.text_encoder_learning_rate=5e-6"]
     cfg = db.load(str(ROOT / "configs" / "dreambooth" / "tiny.yaml"), overrides)
-    config = db.optimizer_config(cfg)
+    config = train_lib.optimizer_config(cfg)
     assert config.learning_rate == 1e-4 and config.lr_groups == ((r"(^|/)text_encoder/", 5e-6),)
     tree = {"unet": {"conv_in": {"kernel": 0}}, "text_encoder": {"embeddings": {"token": 0}}}
     labels = optimizers.lr_group_labels(tree, config.lr_groups)
@@ -423,7 +469,7 @@ def test_text_encoder_learning_rate_is_its_own_group(tiny):
     frozen_te = db.load(
         str(ROOT / "configs" / "dreambooth" / "tiny.yaml"), [*overrides[:1], "train.train_text_encoder=false"]
     )
-    assert db.optimizer_config(frozen_te).lr_groups == ()
+    assert train_lib.optimizer_config(frozen_te).lr_groups == ()
     with pytest.raises(ConfigError, match="text_encoder_learning_rate"):
         db.load(
             str(ROOT / "configs" / "dreambooth" / "tiny.yaml"), [*overrides[:2], "train.text_encoder_learning_rate=-1"]
@@ -477,7 +523,7 @@ def test_min_snr_weighting_matches_diffusers_formula(prediction_type):
     alphas = np.linspace(0.999, 0.01, 1000).astype(np.float32)
     kw = dict(unet=_Zero(), text_encoder=_Zero(), alphas_cumprod=alphas, prediction_type=prediction_type)
     args = ({"unet": {}, "text_encoder": {}}, latents, np.zeros((4, 77), np.int32), noise, timesteps, prior_mask)
-    loss, _ = db.dreambooth_loss(*args, prior_loss_weight=0.5, snr_gamma=5.0, **kw)
+    loss, _ = loss_lib.dreambooth_loss(*args, prior_loss_weight=0.5, snr_gamma=5.0, **kw)
     a = alphas[timesteps][:, None, None, None]
     target = noise if prediction_type == "epsilon" else np.sqrt(a) * noise - np.sqrt(1 - a) * latents
     mse = (target**2).mean(axis=(1, 2, 3))  # the prediction is zero

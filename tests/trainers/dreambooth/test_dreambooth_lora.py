@@ -15,16 +15,19 @@ import numpy as np
 import pytest
 import torch
 from conftest import max_rel_error
-from fixtures.tiny_sd import write_tiny_sd
 from flax import traverse_util
 from train_helpers import run_cli
 
 import jaxvision
 from jaxvision.errors import ConfigError
-from jaxvision.trainers import dreambooth as db
+from jaxvision.models import kernels
+from jaxvision.testing.tiny_sd import write_tiny_sd
 from jaxvision.train import lora as lora_lib
 from jaxvision.train.freeze import merge_params
 from jaxvision.train.tracking import read_metrics
+from jaxvision.trainers import dreambooth as db
+from jaxvision.trainers.dreambooth import train as train_lib
+from jaxvision.weights import lora_files
 from jaxvision.weights.safetensors_io import read_safetensors
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -164,9 +167,17 @@ def test_one_step_trains_only_the_adapters(tiny, models):
     assert cfg.train.train_text_encoder  # tiny.yaml trains it: its attention gets adapters too
     mesh = make_mesh(cfg.mesh)
     scheduler_config = json.loads((tiny / "scheduler" / "scheduler_config.json").read_text())
-    init_fn, optimizer, rng, step = db.compile_step(cfg, mesh, unet, text_encoder, vae, scheduler_config)
+    nets = train_lib.Networks(
+        unet=unet,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler_config=scheduler_config,
+        kernels=kernels.resolve("cpu", training=True),
+        components=None,
+    )
+    init_fn, optimizer, rng, step = train_lib.compile_step(cfg, mesh, nets)
     host_base = jax.tree.map(np.array, params)
-    state, frozen = create_train_state(init_fn, optimizer, rng, mesh, params=db.add_adapters(cfg, params, rng))
+    state, frozen = create_train_state(init_fn, optimizer, rng, mesh, params=train_lib.add_adapters(cfg, params, rng))
 
     adapter_paths = set(_flat(state.params))
     assert len(adapter_paths) == 2 * (UNET_TARGETS + TEXT_TARGETS)
@@ -225,7 +236,7 @@ def test_export_matches_diffusers_load_lora_weights(tiny, models, tmp_path, rank
     unet, text_encoder, _, params = models
     cfg = lora_lib.LoraConfig(rank=rank, alpha=alpha, targets=targets)
     adapters = _random_adapters(params, cfg, networks, seed=2)
-    path = lora_lib.save_lora_weights(
+    path = lora_files.save_lora_weights(
         adapters, cfg, unet_config=unet.config, text_encoder_config=text_encoder.config, directory=tmp_path
     )
     assert path == tmp_path / "pytorch_lora_weights.safetensors"

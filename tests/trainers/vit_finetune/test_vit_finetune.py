@@ -21,6 +21,7 @@ What these prove:
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -28,12 +29,13 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import load_file
+from train_helpers import file_digests
 
 from jaxvision import cli
 from jaxvision.image import Preprocessor
 from jaxvision.pretrained import from_pretrained
-from jaxvision.trainers.vit_finetune import data as data_lib
 from jaxvision.train.tracking import read_metrics
+from jaxvision.trainers.vit_finetune import data as data_lib
 
 ROOT = Path(__file__).resolve().parents[3]
 CLASSES = ("cat", "dog", "zebra")
@@ -135,6 +137,34 @@ def test_resume_with_larger_max_steps_is_bit_identical(straight_run, tiny_config
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_rerun_beyond_max_steps_and_crashed_export_keep_the_run(
+    straight_run, tiny_config, tmp_path, capsys, monkeypatch
+):
+    """On a copy of a finished 4-step run: a rerun with train.max_steps=2 stops with a message naming
+    the step and what to do, and changes no file; a rerun whose export dies after its first file
+    (no eval data, so the final step is exported) leaves the previous export exactly as it was."""
+    from jaxvision.trainers.vit_finetune import train as train_lib
+
+    out = tmp_path / "run"
+    shutil.copytree(straight_run, out)
+    before = file_digests(out)
+    assert cli.main(["finetune", "--config", str(tiny_config), f"output_dir={out}", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds step 4, beyond train.max_steps=2" in err and "raise train.max_steps" in err
+    assert file_digests(out) == before
+
+    def crashing_save(module, params, path):
+        (Path(path) / "config.json").write_text("{}")
+        raise RuntimeError("export crashed midway")
+
+    monkeypatch.setattr(train_lib, "save_pretrained", crashing_save)
+    with pytest.raises(RuntimeError, match="export crashed midway"):
+        finetune(tiny_config, f"output_dir={out}", "data.eval_dir=null")
+    exported = {k.removeprefix("export/"): v for k, v in before.items() if k.startswith("export/")}
+    assert file_digests(out / "export") == exported and "config.json" in exported
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".export")) == []
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 """The SD 1.5 UNet's two hot kernels at 64×64 latents, alone: where a UNet step's time goes.
 
 - attention: the highest-resolution self-attention, 4096 tokens × 8 heads × 40, CFG batch 2.
-  jaxvision's row is `layers.attention` with the implementation the UNet uses (`attention_impl`,
-  default None: `jax.nn.dot_product_attention`'s XLA path); `variant="einsum"` is the plain
-  einsum/softmax (`layers.reference_attention`), which is also how diffusers' Flax UNet attends
-  (the Flax peer's row). torch: `scaled_dot_product_attention`.
+  jaxvision's row is `layers.attention` with the implementation the UNet uses (`attention_impl`;
+  absent or None: what `kernels.resolve` picks for the device, "cpu" on a CPU); `variant="einsum"`
+  is the plain einsum/softmax (`layers.reference_attention`), which is also how diffusers' Flax
+  UNet attends (the Flax peer's row). torch: `scaled_dot_product_attention`.
 - conv: a 3×3, 320 → 320 channel convolution over `[2, 64, 64, 320]`.
 
 `p`: `dtype`, `gpu`, `attention_impl`, `variant` ("seam" / "einsum"), `impl` (row label), `warmup`, `iters`.
@@ -48,10 +48,14 @@ def attention_jax(p: dict) -> list[dict[str, Any]]:
     dtype = jnp.dtype(p["dtype"])
     q, k, v = (jax.random.normal(key, (B, L, H, D), dtype) for key in jax.random.split(jax.random.PRNGKey(0), 3))
     if p.get("variant", "seam") == "seam":
-        from jaxvision.models import layers
+        from jaxvision.models import kernels, layers
+
+        impl = kernels.resolve(
+            kernels.platform_of(), attention=p.get("attention_impl") or "auto", dtype=dtype
+        ).attention
 
         def fn(q, k, v):
-            return layers.attention(q, k, v, implementation=p.get("attention_impl"))
+            return layers.attention(q, k, v, implementation=impl)
     else:
 
         def fn(q, k, v):

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxvision.errors import ConfigError
-from jaxvision.models import kernels, layers
+from jaxvision.models import layers
 from jaxvision.models.hf_config import pair, take
 from jaxvision.models.layers import CLASSES, EMBED, HEADS, MLP, POSITION, Dtype
 
@@ -346,10 +346,9 @@ class ViTModel(nn.Module):
       dtype / param_dtype: compute and storage dtypes (norms and softmax run in fp32).
       remat_policy: per-block rematerialisation, a name from `layers.REMAT_POLICIES`.
       attention_impl: the attention seam's kernel, chosen by the caller for its platform
-        (`jaxvision.models.kernels.resolve`); "auto" is the portable choice.
-      conv_impl: taken, like every model's, from `kernels.resolve`; every value computes the patch
-        embedding (a conv whose stride is its kernel size) the same way, as one matmul
-        (`PatchProjection`), which is the fast form on every platform.
+        (`jaxvision.models.kernels.resolve`); "auto" is the portable choice. There is no
+        `conv_impl`: the patch embedding (a conv whose stride is its kernel size) is one matmul
+        (`PatchProjection`), the fast form on every platform.
     """
 
     config: ViTConfig
@@ -358,7 +357,6 @@ class ViTModel(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: layers.AttentionImpl = "auto"
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -368,7 +366,6 @@ class ViTModel(nn.Module):
         interpolate_pos_encoding: bool = False,
     ) -> ViTOutput:
         """Args: pixel_values `[batch, height, width, channels]`, normalised as the processor does."""
-        kernels.check_conv(self.conv_impl)
         c = self.config
         embeddings = ViTEmbeddings(config=c, dtype=self.dtype, param_dtype=self.param_dtype, name="embeddings")
         x = embeddings(pixel_values, interpolate_pos_encoding)
@@ -413,7 +410,6 @@ class ViTForImageClassification(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     attention_impl: layers.AttentionImpl = "auto"
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(
@@ -429,7 +425,6 @@ class ViTForImageClassification(nn.Module):
             param_dtype=self.param_dtype,
             remat_policy=self.remat_policy,
             attention_impl=self.attention_impl,
-            conv_impl=self.conv_impl,
             name="vit",
         )(pixel_values, output_hidden_states, interpolate_pos_encoding)
         logits = layers.dense(

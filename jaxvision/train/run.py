@@ -87,6 +87,10 @@ class Run:
       frozen_sources: `{subtree: path}` where the frozen weights come from (recorded in each
         checkpoint instead of the weights themselves).
       log: where messages go (process 0's stderr by default).
+
+    Raises:
+      ConfigError: `output_dir` holds a checkpoint beyond `train.max_steps` (checked first, before
+        the trainer loads anything).
     """
 
     def __init__(self, cfg: Any, *, frozen_sources: Mapping[str, str] | None = None, log: Callable[[str], None] = log):
@@ -101,6 +105,19 @@ class Run:
             run_config=self.config,
             frozen_sources=dict(frozen_sources or {}),
         )
+        # Before the trainer loads a model or generates data: a rerun that cannot resume fails now.
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            self._check_resumable(latest)
+
+    def _check_resumable(self, step: int) -> None:
+        max_steps = self.cfg.train.max_steps
+        if step > max_steps:
+            self.checkpointer.close()
+            raise ConfigError(
+                f"{self.checkpointer.directory} holds step {step}, beyond train.max_steps={max_steps}; "
+                "raise train.max_steps to continue this run, or use a new output_dir"
+            )
 
     def restore_or_create(
         self,
@@ -120,19 +137,13 @@ class Run:
         Returns:
           `(state, frozen, restored)`; `restored` is None for a new run.
         Raises:
-          ConfigError: the latest checkpoint is beyond `train.max_steps`.
+          ConfigError: the restored checkpoint is beyond `train.max_steps`.
         """
         restored = self.checkpointer.restore(step.abstract_state)
         if restored is None:
             state, frozen = create_train_state(init_fn, optimizer, rng, mesh, params=params)
         else:
-            max_steps = self.cfg.train.max_steps
-            if restored.step > max_steps:
-                self.checkpointer.close()
-                raise ConfigError(
-                    f"{self.checkpointer.directory} holds step {restored.step}, beyond train.max_steps="
-                    f"{max_steps}; raise train.max_steps to continue this run, or use a new output_dir"
-                )
+            self._check_resumable(restored.step)
             state = restored.state
             if params is None:
                 _, frozen = create_train_state(init_fn, optimizer, rng, mesh)

@@ -158,8 +158,7 @@ def build_model(cfg: FinetuneConfig, labels: tuple[str, ...], platform: str, *, 
         dtype=jnp.dtype(t.dtype),
         param_dtype=jnp.dtype(m.param_dtype),
         remat_policy=t.remat_policy,
-        attention_impl=k.attention,
-        conv_impl=k.conv,
+        attention_impl=k.attention,  # ViT has no convolutions (its patch embedding is a matmul)
     )
     if m.variant is not None:
         overrides = {n: getattr(m, n) for n in m._architecture_overrides()}

@@ -20,6 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from jaxvision.errors import ConfigError, ImageDecodeError
 
 PREPROCESSOR_FILE = "preprocessor_config.json"
+# The file suffixes (lower case) an image folder is read for, by every trainer.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 # Pillow modes holding more than 8 bits per sample (one band each).
 _HIGH_BIT_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})

@@ -24,13 +24,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from jaxvision.errors import ConfigError, ImageDecodeError
-from jaxvision.image import load_image
+from jaxvision.image import IMAGE_SUFFIXES, load_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST = "manifest.json"
 # Seeds of the per-step generator are `[seed, step, STREAM]`, so data randomness never collides
 # with the model's own PRNG stream (which lives in the train state).
@@ -213,8 +214,6 @@ def ensure_class_images(
       batch_size: images per sampler call; the last call is padded to it, so the sampler
         compiles once.
     """
-    import jax
-
     class_dir = Path(class_dir)
     class_dir.mkdir(parents=True, exist_ok=True)
     existing = list_images(class_dir)
@@ -272,12 +271,12 @@ def ensure_class_images(
             _write_manifest(manifest_path, manifest)
         done = start + len(chunk)
         rate = done / max(time.perf_counter() - t0, 1e-9)
-        print(f"\rclass images {done}/{missing} ({rate:.2f} img/s)", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        if writer:
+            print(f"\rclass images {done}/{missing} ({rate:.2f} img/s)", end="", file=sys.stderr, flush=True)
+    if writer:
+        print(file=sys.stderr)
     if jax.process_count() > 1:
         # Other processes read the folder next: wait until process 0 has written every file.
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("jaxvision_dreambooth_class_images")
     log(f"class images: wrote {len(written)} to {class_dir} (manifest {manifest_path})")
     return written

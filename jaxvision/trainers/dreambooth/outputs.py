@@ -7,7 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from jaxvision.diffusion.components import save_components
+from jaxvision.pretrained import save_pretrained
 from jaxvision.trainers.dreambooth.config import DreamBoothConfig
 
 
@@ -22,9 +25,6 @@ def export_model(cfg: DreamBoothConfig, comps: Any, params: dict, directory: Pat
     Args:
       params: `{"unet", "text_encoder", "vae"}` host params (adapters already merged).
     """
-    from jaxvision.diffusion.components import save_components
-    from jaxvision.pretrained import save_pretrained
-
     if not cfg.train.export_trained_only:
         trained = dict(unet_params=params["unet"], text_encoder_params=params["text_encoder"])
         return save_components(dataclasses.replace(comps, **trained, vae_params=params["vae"]), directory)
@@ -37,8 +37,6 @@ def export_model(cfg: DreamBoothConfig, comps: Any, params: dict, directory: Pat
 
 def sample_grid(pipe: Any, cfg: DreamBoothConfig) -> tuple[Any, np.ndarray]:
     """Validation images of every prompt (rows) × seed (columns): a PIL grid and `[N, H, W, 3]` floats."""
-    from PIL import Image
-
     v = cfg.validation
     prompts = [p for p in v.prompts for _ in range(v.num_images_per_prompt)]
     seeds = [v.seed + i for _ in v.prompts for i in range(v.num_images_per_prompt)]

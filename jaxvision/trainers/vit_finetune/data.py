@@ -37,9 +37,8 @@ import numpy as np
 from PIL import Image
 
 from jaxvision.errors import ConfigError
-from jaxvision.image import Preprocessor, load_image
+from jaxvision.image import IMAGE_SUFFIXES, Preprocessor, load_image
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 DATASETS = ("digits",)
 DIGIT_LABELS = tuple(str(d) for d in range(10))
 # The digits split is fixed (not tied to train.seed) so "the test split" means one thing everywhere.

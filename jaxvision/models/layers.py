@@ -3,7 +3,7 @@
 Every parameter is created through `nn.with_logical_partitioning`, so a model's abstract
 params (`jax.eval_shape(module.init, ...)`) carry logical axis names that one rules table
 (`jaxvision.train.sharding.LOGICAL_AXIS_RULES`) maps onto mesh axes. The names used here are
-the whole vocabulary; `tests/test_sharding_rules.py` checks each has a rule.
+the whole vocabulary; `tests/train/test_train_sharding.py` checks each has a rule.
 
 Which attention and convolution kernels run is an argument here (`implementation=`,
 `conv_impl=`), set from module fields that the caller chose for the platform the program will

@@ -1,6 +1,6 @@
 """DreamBooth fine-tuning of Stable Diffusion (Ruiz et al., 2022): `jaxvision dreambooth`.
 
-    jaxvision dreambooth --config configs/dreambooth/sd15.yaml model.path=SD_DIR \
+    jaxvision dreambooth --config configs/dreambooth/sd15.yaml model.path=SD_DIR \\
         data.instance_dir=photos/ data.instance_prompt="a photo of sks dog" data.class_prompt="a photo of a dog"
 
 A trainer package holds its config, data, loss and `run`; everything around the step (mesh,

@@ -64,7 +64,7 @@ class DreamBoothDataSection:
       class_scheduler: sampler for class images (null: the checkpoint's).
       class_inference_steps, class_guidance_scale, class_batch_size: class-image sampling.
       cache_latents: VAE-encode every image (both orientations with `random_flip`) once before
-        training instead of every step; needs `center_crop` (see `dreambooth_cache`).
+        training instead of every step; needs `center_crop` (see `trainers.dreambooth.cache`).
       cache_text_embeddings: run the frozen text encoder once on the two prompts; needs
         `train.train_text_encoder=false`.
     """
@@ -108,7 +108,7 @@ class DreamBoothTrainSection(TrainSection):
       text_encoder_learning_rate: the text encoder's peak learning rate (null: `learning_rate`);
         it follows the same schedule shape.
       export_trained_only: export only the trained networks (`unet/`, plus `text_encoder/` when
-        trained) instead of the whole pipeline (see `dreambooth_outputs.export_model`).
+        trained) instead of the whole pipeline (see `outputs.export_model`).
       offset_noise: add `offset_noise * N(0, 1)` per sample and channel to the noise (0: off).
       snr_gamma: min-SNR-γ weighting of the instance loss (Hang et al., 2023); null: off.
       lora: low-rank adapters instead of full fine-tuning (`lora.rank` > 0; see `jaxvision.train.lora`).

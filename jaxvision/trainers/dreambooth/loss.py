@@ -99,7 +99,7 @@ def make_loss_fn(
     draws the posterior sample, noise (plus offset noise) and timesteps from `rng`, then
     `dreambooth_loss`. `params` is `{"unet", "text_encoder", "vae"}`; batch rows are
     `pixel_values` `[B, H, W, 3]` in [-1, 1], `input_ids` `[B, tokens]`, `prior_mask` `[B]`; with the
-    caches of `dreambooth_cache`, `latent_moments` `[B, h, w, 2c]` replaces `pixel_values` and
+    caches of `trainers.dreambooth.cache`, `latent_moments` `[B, h, w, 2c]` replaces `pixel_values` and
     `context` `[B, tokens, hidden]` replaces `input_ids`."""
     # The schedule is a 1000-float hyperparameter of the model, baked in like a constant.
     alphas_cumprod = np.asarray(alphas_cumprod, np.float32)

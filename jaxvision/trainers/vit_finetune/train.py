@@ -1,18 +1,12 @@
-"""ViT fine-tuning (or training from scratch) for image classification: `jaxvision finetune`.
+"""ViT fine-tuning's `run` and `plan` (`jaxvision finetune`), on the training core.
 
-    jaxvision finetune --config configs/vit/digits.yaml
-    jaxvision finetune --config configs/vit/l16_384.yaml model.path=/ckpt/vit-large-patch16-384 \\
-        data.train_dir=data/train data.eval_dir=data/val output_dir=runs/l16
-    jaxvision finetune --config configs/vit/tfds.yaml model.path=/ckpt/vit-base-patch16-224 \\
-        data.tfds_name=beans data.data_dir=~/tensorflow_datasets
-
-`run(config)` reads top to bottom in phases — mesh, data, model, shard, step, restore, loop,
-export — built on the training core (`jaxvision.train.*`). It writes the run directory of the
+`run(config)` reads top to bottom in phases — mesh, data, model, step, restore, loop, export —
+built on the training core (`jaxvision.train.*`) and its run scaffold (`jaxvision.train.run`). It writes the run directory of the
 DESIGN "Run contract": `config.yaml`, `metrics.jsonl`, `tensorboard/`, `checkpoints/` (Orbax) and
 `export/`, a transformers `ViTForImageClassification` folder (`config.json` with the data's
 `id2label`, `model.safetensors`, `preprocessor_config.json`).
 
-Data (`classification_data`): class folders, a TFDS dataset read with `tfds.data_source`, or
+Data (`trainers.vit_finetune.data`): class folders, a TFDS dataset read with `tfds.data_source`, or
 scikit-learn's digits, each with up to three splits. The eval split selects: the export is the
 parameters of the best eval top-1 so far, ties going to the lower eval loss (rewritten whenever it
 improves, so a crash never loses it); without eval data, the final parameters. The test split
@@ -25,8 +19,8 @@ pure function of `(train.seed, step)`, so a resumed run is bit-identical to a st
 as the learning-rate schedule does not depend on `max_steps` (`constant`, `constant_with_warmup`;
 `linear`/`cosine` stretch with it).
 
-`plan(config)` compiles the same train step from shapes only (no weights, no data read) and
-returns `jaxvision plan --json`'s memory plan.
+`plan(config)` builds the model through the same `build_model` and compiles the same train step
+from shapes only (no weights, no data read); it returns `jaxvision plan --json`'s memory plan.
 """
 
 from __future__ import annotations

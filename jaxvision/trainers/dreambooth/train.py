@@ -39,7 +39,7 @@ from jaxvision.train.freeze import merge_params
 from jaxvision.train.mesh import make_mesh
 from jaxvision.train.optimizers import OptimizerConfig, make_optimizer
 from jaxvision.train.plan import describe_kernels, plan_train_step
-from jaxvision.train.run import Run, log
+from jaxvision.train.run import CHECKPOINTS_DIRNAME, Run, log
 from jaxvision.train.state import abstract_train_state
 from jaxvision.train.step import TrainStep, host_metrics, make_train_step
 from jaxvision.train.tracking import TENSORBOARD_DIRNAME, Tracker
@@ -439,7 +439,7 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = log) -> dict[str,
         "export": None if export is None else str(export),
         "lora_weights": None if lora_file is None else str(lora_file),
         "samples": str(samples),
-        "checkpoints": str(run_dir.checkpointer.directory),
+        "checkpoints": str(out / CHECKPOINTS_DIRNAME),
         "tensorboard": str(out / TENSORBOARD_DIRNAME),
         "steps": final_step,
         "final_loss": last_loss,
@@ -452,7 +452,7 @@ def run(cfg: DreamBoothConfig, *, log: Callable[[str], None] = log) -> dict[str,
         f"{exported}"
         f"  validation samples        {samples}\n"
         f"  TensorBoard logs          {out / TENSORBOARD_DIRNAME}   (tensorboard --logdir {out / TENSORBOARD_DIRNAME})\n"
-        f"  checkpoints               {run_dir.checkpointer.directory}\n"
+        f"  checkpoints               {out / CHECKPOINTS_DIRNAME}\n"
         f"  metrics                   {out / 'metrics.jsonl'}"
     )
     return summary

@@ -80,7 +80,7 @@ def require(ok: bool, field: str, value: Any, requirement: str) -> None:
 
 def check_attention_impl(value: str | None) -> None:
     """Raises `FieldError` for `attention_impl` values the attention seam does not know."""
-    impls = ", ".join(i for i in kernels.ATTENTION_IMPLS if i is not None)
+    impls = ", ".join(kernels.ATTENTION_IMPLS)
     ok = value is None or value in kernels.ATTENTION_IMPLS
     require(ok, "attention_impl", value, f"choose one of {impls}, or null (JAX chooses)")
 

@@ -161,13 +161,13 @@ def build_networks(cfg: DreamBoothConfig, platform: str, *, load_weights: bool =
         kernels (`jaxvision.models.kernels.resolve`, training rules).
       load_weights: load `model.path` (weights, tokenizer); False reads config files only.
     """
-    comps = load_components(cfg.model.path, **modules_kwargs(cfg)) if load_weights else None
+    kw = modules_kwargs(cfg)
+    comps = load_components(cfg.model.path, **kw) if load_weights else None
     if comps is not None:
         configs = (comps.unet.config, comps.text_encoder.config, comps.vae.config, comps.scheduler_config)
     else:
         configs = _architecture(cfg)
     unet_cfg, text_cfg, vae_cfg, scheduler_config = configs
-    kw = modules_kwargs(cfg)
     k = kernels_lib.resolve(platform, attention=cfg.model.attention_impl, dtype=kw["dtype"], training=True)
     # The frozen VAE only encodes, its attention upcast to fp32, with the platform's default kernels.
     vae_k = kernels_lib.resolve(platform, dtype=jnp.float32, training=True)
